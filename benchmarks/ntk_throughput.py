@@ -1,0 +1,265 @@
+"""NTK Gram throughput on one GPU: minintk's layerwise engine vs the peers (`loop`, `torch.func`).
+
+Check first, then time, in the same run (STYLE.md): every method is compared with an fp64 reference on a
+small case; then each (model, n, T, precision, method) is timed with the GPU's own matmul peaks measured in
+the same run. Flops are counted as 6 P n T + 2 n^2 P (forward/backward + the Gram). Weights are random
+(GPT-Neo architectures): weights do not change the cost.
+
+    python benchmarks/ntk_throughput.py --out benchmarks/results/ntk_throughput            # full
+    python benchmarks/ntk_throughput.py --quick --out /tmp/ntk_quick                        # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from minintk import Decoder
+from minintk.config import gpt_neo_config
+from minintk.ntk import ntk
+
+LABELS = (352, 2089)  # two label-word ids (any pair: cost does not depend on them)
+
+
+def matmul_peak(dtype: torch.dtype, tf32: bool = False, size: int = 8192) -> float:
+    """Measured dense matmul TFLOP/s of this GPU for dtype (fp32 with TF32 on or off)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    a = torch.randn(size, size, device="cuda", dtype=dtype)
+    b = torch.randn(size, size, device="cuda", dtype=dtype)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    reps = 10
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize()
+    torch.backends.cuda.matmul.allow_tf32 = old
+    return 2 * size**3 * reps / (time.perf_counter() - t) / 1e12
+
+
+def build(size: str, T: int, seed: int = 0) -> Decoder:
+    torch.manual_seed(seed)
+    cfg = gpt_neo_config(size, head="label_words", label_ids=LABELS, label_diff=True)
+    with torch.device("cuda"):
+        model = Decoder(cfg)
+    return model.eval()
+
+
+def run(model, X, precision, method, stats=None):
+    strategy = {"minintk": "auto", "loop": "loop", "func": "func"}[method]
+    return ntk(model, X, precision=precision, strategy=strategy, progress=False, stats=stats)
+
+
+def timed(model, X, precision, method, repeats: int):
+    """(seconds, peak GiB, K, stats) of the best of `repeats` runs after one warm-up; None on OOM."""
+    best, K, stats = None, None, {}
+    for r in range(repeats + 1):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        torch.cuda.synchronize()
+        s = {}
+        t = time.perf_counter()
+        K = run(model, X, precision, method, stats=s if method == "minintk" else None)
+        torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        if r == 0:
+            warm = dt
+        if r > 0 and (best is None or dt < best):
+            best, stats = dt, s
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    return best, peak, K, stats, warm
+
+
+def rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check(methods, precisions) -> list[dict]:
+    """Every method and precision against the fp64 reference on a small GPT-Neo-like model."""
+    torch.manual_seed(0)
+    cfg = gpt_neo_config("tiny", head="label_words", label_ids=(3, 7), label_diff=True)
+    with torch.device("cuda"):
+        m = Decoder(cfg)
+    X = torch.randint(0, cfg.vocab_size, (12, 32), device="cuda")
+    ref = ntk(m, X, precision="fp64", strategy="func", progress=False)
+    rows = []
+    for method in methods:
+        for p in ["fp64"] + list(precisions):
+            K = run(m, X, p, method)
+            rows.append({"method": method, "precision": p, "rel_err_vs_fp64_func": rel(K, ref)})
+            print(f"check {method:8s} {p:5s} rel err {rows[-1]['rel_err_vs_fp64_func']:.2e}", flush=True)
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="benchmarks/results/ntk_throughput")
+    ap.add_argument("--sizes", default="125M,1.3B")
+    ap.add_argument("--ns", default="64,256,1024")
+    ap.add_argument("--T", type=int, default=128)
+    ap.add_argument("--short-T", type=int, default=8, help="the short-input case (single words)")
+    ap.add_argument("--precisions", default="fp32,tf32,bf16")
+    ap.add_argument("--methods", default="minintk,loop,func")
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--quick", action="store_true", help="125M, n=64 only")
+    ap.add_argument("--skip", default="", help="comma list size:n:method to skip, e.g. 1.3B:1024:loop")
+    args = ap.parse_args()
+    sizes, ns = args.sizes.split(","), [int(v) for v in args.ns.split(",")]
+    precisions, methods = args.precisions.split(","), args.methods.split(",")
+    if args.quick:
+        sizes, ns = ["125M"], [64]
+    skip = set(args.skip.split(",")) if args.skip else set()
+
+    dev = torch.cuda.get_device_name()
+    peaks = {
+        "bf16": matmul_peak(torch.bfloat16),
+        "tf32": matmul_peak(torch.float32, tf32=True),
+        "fp32": matmul_peak(torch.float32, tf32=False),
+    }
+    print(
+        f"{dev}: measured matmul peaks (TFLOP/s) {json.dumps({k: round(v, 1) for k, v in peaks.items()})}", flush=True
+    )
+    checks = check(methods, precisions)
+
+    rows = []
+    cases = [(s, n, args.T) for s in sizes for n in ns] + [("125M", n, args.short_T) for n in (256, 1024)]
+    if args.quick:
+        cases = [("125M", 64, args.T), ("125M", 256, args.short_T)]
+    for size, n, T in cases:
+        model = build(size, T)
+        P = sum(p.numel() for p in model.parameters())
+        X = torch.randint(0, model.cfg.vocab_size, (n, T), device="cuda", generator=None)
+        results = {}
+        for p in precisions:
+            for method in methods:
+                row = {"model": f"GPT-Neo-{size}", "n": n, "T": T, "precision": p, "method": method, "P": P}
+                if f"{size}:{n}:{method}" in skip:
+                    row["status"] = "skipped"
+                    rows.append(row)
+                    continue
+                try:
+                    sec, peak, K, stats, warm = timed(model, X, p, method, args.repeats if n <= 256 else 1)
+                except torch.cuda.OutOfMemoryError:
+                    row.update(status="OOM")
+                    torch.cuda.empty_cache()
+                    rows.append(row)
+                    print(f"{size} n={n} T={T} {p} {method}: OOM", flush=True)
+                    continue
+                flops = 6 * P * n * T + 2 * n * n * P
+                row.update(
+                    status="ok",
+                    seconds=sec,
+                    warmup_seconds=warm,
+                    peak_gib=peak,
+                    samples_per_s=n / sec,
+                    tflops=flops / sec / 1e12,
+                    frac_peak=flops / sec / 1e12 / peaks[p],
+                )
+                if stats:
+                    plan = stats.get("plan")
+                    row.update(
+                        capture_s=stats.get("capture", 0.0),
+                        contract_s=stats.get("contract", 0.0),
+                        setup_s=stats.get("setup", 0.0),
+                        forms=stats.get("forms", {}),
+                        groups=len(plan.groups) if plan else None,
+                        block=plan.block if plan else None,
+                    )
+                    gram_flops = 2 * n * n * P + 2 * P * n * T  # forming per-sample gradients + their Gram
+                    if row["contract_s"]:
+                        row["contract_frac_peak"] = gram_flops / row["contract_s"] / 1e12 / peaks[p]
+                results[(p, method)] = K
+                rows.append(row)
+                print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        # relative error of each result against fp64 (small cases) or our fp32 result (large ones)
+        ref_key = ("fp32", "minintk") if ("fp32", "minintk") in results else None
+        ref64 = run(model, X, "fp64", "minintk") if n * P <= 64 * 2e8 else None
+        for row in rows:
+            key = (row["precision"], row["method"])
+            if row.get("status") == "ok" and row["model"] == f"GPT-Neo-{size}" and row["n"] == n and row["T"] == T:
+                if ref64 is not None:
+                    row["rel_err"], row["rel_err_ref"] = rel(results[key], ref64), "fp64"
+                elif ref_key and key != ref_key:
+                    row["rel_err"], row["rel_err_ref"] = rel(results[key], results[ref_key]), "fp32 minintk"
+        del model, results
+        torch.cuda.empty_cache()
+
+    meta = {
+        "gpu": dev,
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "peaks_tflops": peaks,
+        "flop_count": "6 P n T + 2 n^2 P",
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(
+        json.dumps({"meta": meta, "checks": checks, "rows": rows}, indent=2, default=str)
+    )
+    out.with_suffix(".md").write_text(markdown(meta, checks, rows))
+    print(markdown(meta, checks, rows))
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return "absent"
+
+
+def markdown(meta, checks, rows) -> str:
+    lines = [
+        f"# NTK Gram throughput on {meta['gpu']}",
+        "",
+        f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}. Measured matmul peaks (TFLOP/s): "
+        + ", ".join(f"{k} {v:.0f}" for k, v in meta["peaks_tflops"].items())
+        + f". Flops counted as {meta['flop_count']}. Output f: label-word logit difference at the last token.",
+        "",
+        "| model | n | T | precision | method | time (s) | peak GiB | samples/s | TFLOP/s | of peak | "
+        "capture s | contract s | Gram-phase of peak | forms | rel. err (vs) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.get("status") != "ok":
+            lines.append(
+                f"| {r['model']} | {r['n']} | {r['T']} | {r['precision']} | {r['method']} | {r['status']} "
+                "| | | | | | | | | |"
+            )
+            continue
+        forms = ", ".join(f"{k} {v}" for k, v in r.get("forms", {}).items())
+        err = r.get("rel_err")
+        lines.append(
+            f"| {r['model']} | {r['n']} | {r['T']} | {r['precision']} | {r['method']} | {r['seconds']:.3f} | "
+            f"{r['peak_gib']:.1f} | {r['samples_per_s']:.0f} | {r['tflops']:.1f} | {100 * r['frac_peak']:.0f}% | "
+            + (
+                f"{r['capture_s']:.3f} | {r['contract_s']:.3f} | "
+                f"{100 * r.get('contract_frac_peak', 0):.0f}% | {forms} | "
+                if "capture_s" in r
+                else "| | | | "
+            )
+            + (f"{err:.1e} ({r['rel_err_ref']}) |" if err is not None else " |")
+        )
+    lines += [
+        "",
+        "## Checks against the fp64 reference (tiny GPT-Neo-like model, n=12, T=32)",
+        "",
+        "| method | precision | rel. err vs fp64 torch.func |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {c['method']} | {c['precision']} | {c['rel_err_vs_fp64_func']:.1e} |" for c in checks]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

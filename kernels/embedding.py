@@ -1,0 +1,111 @@
+"""Embedding Grams: token equality stands in for X_i X_j^T, so the (vocab x d) gradient is never formed.
+
+An embedding's per-sample gradient is G_i[v] = sum_t [tok_it == v] D_it, hence
+    embedding_gram:          <G1_i, G2_j> = sum_{t,s} [tok1_it == tok2_js] (D1_it . D2_js)
+and, for a tied LM head (a Linear with the same (vocab, d) weight, inputs X2 and logit-gradients D2),
+    embedding_linear_cross:  <G1_i, D2_j^T X2_j> = sum_{t,s} D2_js[tok1_it] (D1_it . X2_js).
+The first runs the ghost kernel with an equality tile in place of the X tile (``EQUALITY=True``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import check_tokens, chunk_size, mirror_upper, resolve_backend
+from .ghost import _ghost_gram_triton
+
+__all__ = ["embedding_gram", "embedding_gram_reference", "embedding_linear_cross"]
+
+_REFERENCE_BUDGET = 1 << 25
+
+
+def _out_dtype(*ts: torch.Tensor) -> torch.dtype:
+    return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+
+
+def embedding_gram_reference(
+    tok1: torch.Tensor, D1: torch.Tensor, tok2: torch.Tensor, D2: torch.Tensor
+) -> torch.Tensor:
+    """Plain-torch embedding Gram, chunked over samples: tok (m, T) ints, D (m, T, d) -> (m1, m2)."""
+    dt = _out_dtype(D1, D2)
+    m1, T1 = tok1.shape
+    m2, T2 = tok2.shape
+    out = torch.zeros(m1, m2, dtype=dt, device=D1.device)
+    cj = chunk_size(m2, T1 * T2, _REFERENCE_BUDGET)
+    ci = chunk_size(m1, cj * T1 * T2, _REFERENCE_BUDGET)
+    for j0 in range(0, m2, cj):
+        t2, d2 = tok2[j0 : j0 + cj], D2[j0 : j0 + cj].to(dt)
+        for i0 in range(0, m1, ci):
+            t1, d1 = tok1[i0 : i0 + ci], D1[i0 : i0 + ci].to(dt)
+            eq = (t1[:, None, :, None] == t2[None, :, None, :]).to(dt)  # (ci, cj, T1, T2)
+            dd = torch.einsum("itb,jsb->ijts", d1, d2)
+            out[i0 : i0 + ci, j0 : j0 + cj] = (eq * dd).sum(dim=(2, 3))
+    return out
+
+
+def embedding_gram(
+    tok1: torch.Tensor,
+    D1: torch.Tensor,
+    tok2: torch.Tensor | None = None,
+    D2: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+    fp32_precision: str = "ieee",
+) -> torch.Tensor:
+    """Gram of per-sample embedding-weight gradients: tok (m, T) integer ids, D (m, T, d) output-gradients.
+
+    Returns float32 (m1, m2) (float64 for float64 D). tok2, D2 omitted: one sample set, exactly symmetric.
+    Token ids need not be in any range (they are only compared). backend as in :func:`ghost_gram`.
+    """
+    if (tok2 is None) != (D2 is None):
+        raise ValueError("give both tok2 and D2, or neither")
+    same = tok2 is None or (tok2 is tok1 and D2 is D1)
+    if tok2 is None:
+        tok2, D2 = tok1, D1
+    check_tokens("tok1", tok1, "D1", D1)
+    check_tokens("tok2", tok2, "D2", D2)
+    if D1.shape[2] != D2.shape[2]:
+        raise ValueError(f"D1 has d={D1.shape[2]}, D2 has d={D2.shape[2]}")
+    if not (D1.is_floating_point() and D2.is_floating_point()):
+        raise ValueError("D1 and D2 must be floating point")
+    dtype = torch.promote_types(D1.dtype, D2.dtype)
+    path = resolve_backend(backend, D1.device, dtype)
+    if path == "torch":
+        out = embedding_gram_reference(tok1, D1, tok2, D2)
+        return mirror_upper(out) if same else out
+    if min(tok1.numel(), tok2.numel(), D1.shape[2]) == 0:
+        return torch.zeros(tok1.shape[0], tok2.shape[0], dtype=torch.float32, device=D1.device)
+    return _ghost_gram_triton(tok1, D1.to(dtype), tok2, D2.to(dtype), same, fp32_precision)
+
+
+def embedding_linear_cross(
+    tok1: torch.Tensor, D1: torch.Tensor, X2: torch.Tensor, D2: torch.Tensor
+) -> torch.Tensor:
+    """Cross Gram of an embedding (tok1 (m1, T1), D1 (m1, T1, d)) and a Linear sharing its (V, d) weight.
+
+    X2 (m2, T2, d): the Linear's inputs; D2 (m2, T2, V): its output-gradients. Returns (m1, m2), float32
+    (float64 if any input is float64). Plain torch (a gather and two einsums, chunked): in LMs D2 is
+    nonzero at few positions, so T2 is small after the engine drops all-zero time steps.
+    """
+    check_tokens("tok1", tok1, "D1", D1)
+    if X2.dim() != 3 or D2.dim() != 3 or X2.shape[:2] != D2.shape[:2]:
+        raise ValueError(f"X2 {tuple(X2.shape)} and D2 {tuple(D2.shape)} must be (m2, T2, d) and (m2, T2, V)")
+    if X2.shape[2] != D1.shape[2]:
+        raise ValueError(f"D1 has d={D1.shape[2]} but X2 has d={X2.shape[2]}")
+    V = D2.shape[2]
+    if tok1.numel() and (int(tok1.min()) < 0 or int(tok1.max()) >= V):
+        raise ValueError(f"tok1 ids must lie in [0, {V}) (the Linear's output size)")
+    dt = _out_dtype(D1, X2, D2)
+    m1, T1 = tok1.shape
+    m2, T2, _ = X2.shape
+    out = torch.zeros(m1, m2, dtype=dt, device=D1.device)
+    cj = chunk_size(m2, T1 * T2, _REFERENCE_BUDGET)
+    ci = chunk_size(m1, cj * T1 * T2, _REFERENCE_BUDGET)
+    for j0 in range(0, m2, cj):
+        x2, d2 = X2[j0 : j0 + cj].to(dt), D2[j0 : j0 + cj]
+        for i0 in range(0, m1, ci):
+            t1, d1 = tok1[i0 : i0 + ci], D1[i0 : i0 + ci].to(dt)
+            w = d2[:, :, t1.reshape(-1)].to(dt).reshape(d2.shape[0], T2, t1.shape[0], T1)  # (cj, T2, ci, T1)
+            dx = torch.einsum("itd,jsd->ijts", d1, x2)
+            out[i0 : i0 + ci, j0 : j0 + cj] = torch.einsum("ijts,jsit->ij", dx, w)
+    return out

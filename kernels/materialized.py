@@ -1,0 +1,83 @@
+"""Materialized Gram of a linear layer: per-sample gradients G = D^T X formed in slices, then G1 G2^T.
+
+    out[i, j] = < D1_i^T X1_i , D2_j^T X2_j >_F
+
+The weight's rows (output features b) are cut into slices sized to a memory budget; for each slice the
+per-sample gradients of all samples (m, b_slice, a) are formed with one batched matmul and their Gram
+is added with one matmul. Both are cuBLAS GEMMs with fp32 accumulation (bf16 operands on tensor cores in
+bf16 mode); every per-sample gradient entry is formed exactly once, and never all at once.
+Cost: 2 (m1 T1 + m2 T2) a b + 2 m1 m2 a b flops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._common import bmm_fp32, check_linear_pair, common_float_dtype, mm_fp32
+
+__all__ = ["materialized_gram", "materialized_gram_reference"]
+
+# Elements of per-sample gradient slices held at once (both sides), ~1 GiB in fp32.
+DEFAULT_BUDGET = 1 << 28
+
+
+def materialized_gram_reference(
+    X1: torch.Tensor, D1: torch.Tensor, X2: torch.Tensor, D2: torch.Tensor
+) -> torch.Tensor:
+    """Unsliced reference: forms every per-sample gradient (m, b, a) in fp64 and dots them."""
+    check_linear_pair(X1, D1, X2, D2)
+    G1 = torch.einsum("itb,ita->iba", D1.double(), X1.double()).flatten(1)
+    G2 = torch.einsum("jtb,jta->jba", D2.double(), X2.double()).flatten(1)
+    return G1 @ G2.T
+
+
+def _slice_grads(X: torch.Tensor, D: torch.Tensor, b0: int, b1: int, keep: torch.dtype) -> torch.Tensor:
+    """Per-sample gradients of weight rows b0:b1, flattened: (m, (b1 - b0) a)."""
+    G = bmm_fp32(D[:, :, b0:b1].transpose(1, 2), X)  # (m, bs, a), fp32 accumulation
+    return G.to(keep).flatten(1)
+
+
+def materialized_gram(
+    X1: torch.Tensor,
+    D1: torch.Tensor,
+    X2: torch.Tensor | None = None,
+    D2: torch.Tensor | None = None,
+    *,
+    same: bool = False,
+    budget: int = DEFAULT_BUDGET,
+) -> torch.Tensor:
+    """Gram <G1_i, G2_j>_F of per-sample gradients G = D^T X of a linear layer, formed slice by slice.
+
+    X (m, T, a) layer inputs, D (m, T, b) output-gradients. Returns float32 (m1, m2) (float64 for float64
+    inputs). bf16/fp16 inputs: per-sample gradients are rounded to that dtype and contracted on tensor
+    cores with fp32 accumulation; float32 inputs stay float32 throughout (TF32 follows torch's setting).
+    same=True (or X2, D2 omitted): one sample set, each slice formed once, the result exactly symmetric.
+    budget: elements of per-sample gradient slices held at once.
+    """
+    if (X2 is None) != (D2 is None):
+        raise ValueError("give both X2 and D2, or neither")
+    if X2 is None or (X2 is X1 and D2 is D1):
+        same = True
+    if same:
+        X2, D2 = X1, D1
+    assert X2 is not None and D2 is not None
+    check_linear_pair(X1, D1, X2, D2)
+    dtype = common_float_dtype(X1=X1, D1=D1, X2=X2, D2=D2)
+    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    m1, _, a = X1.shape
+    m2 = X2.shape[0]
+    b = D1.shape[2]
+    out = torch.zeros(m1, m2, dtype=out_dtype, device=X1.device)
+    if min(m1, m2, a, b, X1.shape[1], X2.shape[1]) == 0:
+        return out
+    X1, D1, X2, D2 = (t.to(dtype) for t in (X1, D1, X2, D2))
+    per_row = (m1 + (0 if same else m2)) * a
+    step = max(1, min(b, budget // max(1, per_row)))
+    for b0 in range(0, b, step):
+        b1 = min(b, b0 + step)
+        G1 = _slice_grads(X1, D1, b0, b1, dtype)
+        G2 = G1 if same else _slice_grads(X2, D2, b0, b1, dtype)
+        out += mm_fp32(G1, G2.T).to(out_dtype)
+    if same:
+        out = 0.5 * (out + out.T)
+    return out

@@ -1,0 +1,5 @@
+import sys
+
+from minintk.cli import main
+
+sys.exit(main())

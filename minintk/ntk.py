@@ -1,0 +1,900 @@
+"""The empirical NTK Gram K = J J^T of a torch model, layer by layer, in bounded memory (THEORY.md section 2).
+
+capture -> per-layer contraction -> sum. One batched forward of the samples records every supported layer's
+inputs X; one backward of sum_i f(x_i) (per output c) records its output-gradients D. A parameter's
+per-sample gradient is then G_i = sum_t A_it (x) B_it (an outer product per token: A = D, B = X for a Linear),
+and <G_i, G_j> is contracted without ever forming J:
+  ghost          sum_{t,s} (A_i A_j^T)_ts (B_i B_j^T)_ts          cost ~ T^2 (r + c) per pair
+  materialized   vec(A_i^T B_i) . vec(A_j^T B_j)                 cost ~ r c per pair + T r c per sample
+  embedding      token equality replaces A_i A_j^T (one-hot inputs)
+  vectors        biases and LayerNorm: G_i is a small vector, formed and dotted.
+A parameter used by several layers (a tied LM head) sums over every pair of uses (cross terms). The
+samples are tiled into row/column blocks and the layers into groups, so memory stays under a budget.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .kernels import embedding_gram, embedding_linear_cross, ghost_gram, materialized_gram
+
+PRECISIONS = ("fp64", "fp32", "tf32", "bf16")
+STRATEGIES = ("auto", "ghost", "materialized", "loop", "func")
+
+Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+class NTKError(ValueError):
+    """The NTK cannot be computed for this model, input or setting; the message says what to change."""
+
+
+# ----------------------------------------------------------------------------------------------- outputs
+
+
+def label_words(ids: Iterable[int], diff: bool = False, position: int = -1) -> Callable:
+    """Output f for an LM: logits of token `ids` at `position` (n, k), or logit[ids[1]] - logit[ids[0]] (n,).
+
+    Works on a (n, T, V) logits tensor or any model output with a `.logits` field (transformers).
+    """
+    ids = [int(i) for i in ids]
+    if diff and len(ids) != 2:
+        raise NTKError(f"label_words(diff=True) needs exactly 2 ids, got {ids}")
+
+    def f(out):
+        logits = getattr(out, "logits", out)
+        z = logits[:, position, ids]
+        return z[:, 1] - z[:, 0] if diff else z
+
+    return f
+
+
+def _as_output(out) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    raise NTKError(
+        f"the model returned {type(out).__name__}, not a tensor of outputs; pass output=..., e.g. "
+        f"minintk.ntk.label_words([id0, id1], diff=True) for an LM"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+
+
+def _n(X: Inputs) -> int:
+    if isinstance(X, torch.Tensor):
+        if X.dim() == 0:
+            raise NTKError("X must have a leading sample dimension, got a 0-d tensor")
+        return X.shape[0]
+    if isinstance(X, Mapping) and X:
+        sizes = {k: v.shape[0] for k, v in X.items() if isinstance(v, torch.Tensor)}
+        if len(set(sizes.values())) != 1 or len(sizes) != len(X):
+            raise NTKError(f"every input must be a tensor with the same leading sample dimension, got {sizes}")
+        return next(iter(sizes.values()))
+    raise NTKError(f"X must be a tensor (n, ...) or a dict of such tensors, got {type(X).__name__}")
+
+
+def _slice(X: Inputs, lo: int, hi: int, device) -> Inputs:
+    if isinstance(X, torch.Tensor):
+        return X[lo:hi].to(device)
+    return {k: v[lo:hi].to(device) for k, v in X.items()}
+
+
+def _call(model: nn.Module, x: Inputs, output: Callable | None) -> torch.Tensor:
+    out = model(**x) if isinstance(x, Mapping) else model(x)
+    return _as_output(output(out) if output is not None else out)
+
+
+def _check_inputs(model: nn.Module, X: Inputs, name: str) -> int:
+    n = _n(X)
+    if n == 0:
+        raise NTKError(f"{name} has no samples")
+    ids = X if isinstance(X, torch.Tensor) else X.get("input_ids", X.get("idx"))
+    emb = next((m for m in model.modules() if isinstance(m, nn.Embedding)), None)
+    if emb is not None and isinstance(ids, torch.Tensor):
+        if ids.is_floating_point() or ids.dtype == torch.bool:
+            raise NTKError(
+                f"{name} holds token ids for an embedding model: it must be an integer tensor, got {ids.dtype}"
+            )
+        if ids.dim() != 2:
+            raise NTKError(f"{name} token ids must have shape (n, T), got {tuple(ids.shape)}")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= emb.num_embeddings:
+            raise NTKError(f"{name} token ids must lie in [0, {emb.num_embeddings}), got min {lo}, max {hi}")
+    return n
+
+
+def _check_model(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm):
+            raise NTKError(f"{name or 'model'} is batch norm in training mode: samples interact; call model.eval()")
+        if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            raise NTKError(f"{name} is dropout (p={m.p}) in training mode: f is random; call model.eval()")
+    for name, p in model.named_parameters():
+        if not torch.isfinite(p).all():
+            raise NTKError(f"parameter {name} holds NaN or inf values; the NTK of such a model is undefined")
+
+
+# ----------------------------------------------------------------------------------------------- params
+
+
+def select_params(model: nn.Module, params=None) -> list[tuple[str, nn.Parameter]]:
+    """The parameters whose Jacobian enters K: all (None), glob pattern(s) on names, module(s), or a predicate.
+
+    Examples: "blocks.*.attn.*" (attention only), ["blocks.10.*", "blocks.11.*"], model.lm_head.
+    """
+    named = list(model.named_parameters())
+    if params is None:
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+    elif isinstance(params, str) or (isinstance(params, (list, tuple)) and params and isinstance(params[0], str)):
+        pats = [params] if isinstance(params, str) else list(params)
+        chosen = [(n, p) for n, p in named if any(fnmatch.fnmatchcase(n, q) for q in pats)]
+    elif isinstance(params, nn.Module) or (isinstance(params, (list, tuple)) and params):
+        mods = [params] if isinstance(params, nn.Module) else list(params)
+        ids = {id(p) for m in mods for p in m.parameters()}
+        chosen = [(n, p) for n, p in named if id(p) in ids]
+    elif callable(params):
+        chosen = [(n, p) for n, p in named if params(n, p)]
+    else:
+        raise NTKError(
+            f"params must be None, a glob pattern, a list of patterns, module(s) or a predicate; got {params!r}"
+        )
+    if not chosen:
+        raise NTKError(f"params={params!r} selects no parameter; names look like {[n for n, _ in named[:4]]}")
+    return chosen
+
+
+def last_blocks(model: nn.Module, k: int) -> list[str]:
+    """Glob patterns selecting the parameters of the last k transformer blocks (ours or transformers')."""
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise NTKError("the model has no nn.ModuleList of blocks")
+    name, blocks = max(lists, key=lambda t: len(t[1]))
+    return [f"{name}.{i}.*" for i in range(max(0, len(blocks) - k), len(blocks))]
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+_LINEAR, _CONV1D, _EMBED, _NORM = "linear", "conv1d", "embedding", "layernorm"
+
+
+def _kind(m: nn.Module) -> str | None:
+    if isinstance(m, nn.Linear):
+        return _LINEAR
+    if type(m).__name__ == "Conv1D" and hasattr(m, "nf"):  # transformers' GPT-2 style y = x W + b
+        return _CONV1D
+    if isinstance(m, nn.Embedding):
+        return _EMBED
+    if isinstance(m, nn.LayerNorm):
+        return _NORM
+    return None
+
+
+@dataclass
+class Use:
+    """One call of a supported layer whose parameters are selected. Shapes are per (virtual) sample."""
+
+    name: str
+    module: nn.Module
+    call: int
+    kind: str
+    weight: nn.Parameter | None
+    bias: nn.Parameter | None
+    w_mult: float
+    b_mult: float
+    T: int = 0
+    d_in: int = 0
+    d_out: int = 0
+
+    @property
+    def label(self) -> str:
+        return self.name if self.call == 0 else f"{self.name}#{self.call}"
+
+    def bytes_per_sample(self, elem: int, C: int) -> int:
+        x = self.T * (self.d_in if self.kind != _EMBED else 1) * (8 if self.kind == _EMBED else elem)
+        return C * (x + self.T * self.d_out * elem)
+
+
+@dataclass
+class Capture:
+    """Per-use factors of a block of m samples x C outputs (virtual samples m C), after time compression.
+
+    Matrix weights: G = A^T B with A (mC, T, r), B (mC, T, c) (tokens (mC, T) instead of A for embeddings).
+    Vectors: per-sample gradient of each vector parameter (mC, numel), multiplier applied.
+    """
+
+    A: dict = field(default_factory=dict)
+    B: dict = field(default_factory=dict)
+    tok: dict = field(default_factory=dict)
+    vec: dict = field(default_factory=dict)
+
+
+class _Recorder:
+    """Forward hooks that keep the inputs and outputs of the layers in `uses` for one forward pass."""
+
+    def __init__(self, uses: list[Use], m: int, probe: bool = False):
+        self.m, self.probe = m, probe
+        self.by_module: dict[int, dict[int, Use]] = {}
+        for u in uses:
+            self.by_module.setdefault(id(u.module), {})[u.call] = u
+        self.calls: dict[int, int] = {}
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.seen: list[tuple[str, nn.Module, int]] = []
+        self.handles = []
+
+    def attach(self, modules: Iterable[tuple[str, nn.Module]]):
+        for name, mod in modules:
+            self.handles.append(mod.register_forward_pre_hook(self._pre))
+            self.handles.append(mod.register_forward_hook(self._make_post(name)))
+        return self
+
+    def _pre(self, mod, args):
+        # transformers feeds position ids of batch 1 to broadcast; give the embedding one row per sample.
+        if isinstance(mod, nn.Embedding) and args and args[0].dim() >= 1 and args[0].shape[0] == 1 and self.m > 1:
+            return (args[0].expand(self.m, *args[0].shape[1:]),) + tuple(args[1:])
+        return None
+
+    def _make_post(self, name):
+        def post(mod, args, out):
+            k = self.calls.get(id(mod), 0)
+            self.calls[id(mod)] = k + 1
+            if self.probe:
+                self.seen.append((name, mod, k))
+            use = self.by_module.get(id(mod), {}).get(k)
+            if use is None and not self.probe:
+                return
+            x = args[0]
+            if x.shape[0] != self.m or out.shape[0] != self.m:
+                raise NTKError(
+                    f"layer {name} saw a batch of {x.shape[0]} for {self.m} samples: the engine needs every layer to "
+                    f"carry the sample dimension first (samples must not be mixed or broadcast)"
+                )
+            key = (id(mod), k)
+            self.inputs[key] = x.detach()
+            self.outputs[key] = out
+
+        return post
+
+    def close(self):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def _flat(t: torch.Tensor, m: int) -> torch.Tensor:
+    """(m, ..., d) -> (m, T, d) with T the product of the middle dimensions (1 for (m, d))."""
+    return t.reshape(m, -1, t.shape[-1]) if t.dim() >= 2 else t.reshape(m, 1, 1)
+
+
+def _norm_hat(mod: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    dims = tuple(range(-len(mod.normalized_shape), 0))
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    mu = xf.mean(dims, keepdim=True)
+    var = xf.var(dims, unbiased=False, keepdim=True)
+    return (xf - mu) / torch.sqrt(var + mod.eps)
+
+
+# ----------------------------------------------------------------------------------------------- the engine
+
+
+@dataclass
+class Plan:
+    """How a Gram will be computed: layer groups x sample blocks, with estimated memory and flops."""
+
+    n: int
+    n2: int
+    C: int
+    block: int
+    groups: list[list[Use]]
+    fallback: list[str]
+    bytes_captures: int
+    bytes_graph_chunk: int
+    chunk: int
+    flops: float
+    budget: int
+
+    def __str__(self) -> str:
+        tiles = math.ceil(self.n / self.block) * math.ceil(self.n2 / self.block)
+        return (
+            f"NTK plan: n={self.n} x {self.n2}, {self.C} output(s); {len(self.groups)} layer group(s) x {tiles} "
+            f"sample tile(s) of {self.block}; forward chunks of {self.chunk}; "
+            f"captures {self.bytes_captures / 2**30:.2f} GiB, "
+            f"graph {self.bytes_graph_chunk / 2**30:.2f} GiB, budget {self.budget / 2**30:.2f} GiB; "
+            f"~{self.flops / 1e12:.2f} TFLOP" + (f"; torch.func fallback for {self.fallback}" if self.fallback else "")
+        )
+
+
+@contextlib.contextmanager
+def _precision_mode(precision: str, device: torch.device):
+    old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
+    try:
+        if precision == "bf16":
+            with torch.autocast(device.type, dtype=torch.bfloat16):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old[0], old[1]
+        torch.set_float32_matmul_precision(old[2])
+
+
+def _default_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(0.85 * free)
+    avail = 8 << 30
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        avail = info.get("MemAvailable", avail)
+    return int(min(8 << 30, 0.5 * avail))
+
+
+class _Engine:
+    def __init__(self, model, output, selected, precision, strategy, progress, device):
+        self.model, self.output, self.precision, self.strategy = model, output, precision, strategy
+        self.progress, self.device = progress, device
+        # Triton kernels on CUDA; the plain-torch references elsewhere (and for fp64).
+        self.backend = "triton" if device.type == "cuda" and precision != "fp64" else "torch"
+        self.selected = selected
+        self.cap_dtype = {"fp64": torch.float64, "bf16": torch.bfloat16}.get(precision, torch.float32)
+        self.stats: dict | None = None
+
+    def _tick(self, phase: str, t0: float) -> float:
+        """Add the seconds since t0 to stats[phase] (synchronizing the GPU so that they are real)."""
+        if self.stats is None:
+            return t0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.stats[phase] = self.stats.get(phase, 0.0) + now - t0
+        return now
+
+    def _count(self, form: str) -> None:
+        if self.stats is not None:
+            forms = self.stats.setdefault("forms", {})
+            forms[form] = forms.get(form, 0) + 1
+
+    # ---- forward/backward of a block, recording the given uses
+    def _forward(self, x, uses, m, probe=False, saved=None):
+        rec = _Recorder(uses, m, probe)
+        mods = [(n, mod) for n, mod in self.model.named_modules() if _kind(mod) is not None]
+        if not probe:
+            want = {id(u.module) for u in uses}
+            mods = [(n, mod) for n, mod in mods if id(mod) in want]
+        rec.attach(mods)
+        try:
+            with _precision_mode(self.precision, self.device):
+                ctx = torch.autograd.graph.saved_tensors_hooks(*saved) if saved else contextlib.nullcontext()
+                with ctx:
+                    f = _call(self.model, x, self.output)
+        finally:
+            rec.close()
+        if f.dim() not in (1, 2) or f.shape[0] != m:
+            raise NTKError(
+                f"output must return one value (m,) or C values (m, C) per sample; for {m} samples it returned "
+                f"shape {tuple(f.shape)}"
+            )
+        if not torch.isfinite(f).all():
+            raise NTKError("the model's output holds NaN or inf for these inputs")
+        return rec, (f if f.dim() == 2 else f[:, None])
+
+    def discover(self, X):
+        """Probe on the first samples: find the uses of the selected parameters, their shapes, graph memory."""
+        m = min(2, _n(X))
+        x = _slice(X, 0, m, self.device)
+        sel = {id(p) for _, p in self.selected}
+        saved_bytes = [0]
+        seen_ptr = set()
+
+        def pack(t):
+            key = (t.data_ptr(), t.dtype, tuple(t.shape))
+            if key not in seen_ptr:
+                seen_ptr.add(key)
+                saved_bytes[0] += t.numel() * t.element_size()
+            return t
+
+        rec, f = self._forward(x, [], m, probe=True, saved=(pack, lambda t: t))
+        self.C = f.shape[1]
+        uses = []
+        for name, mod, k in rec.seen:
+            kind = _kind(mod)
+            w = mod.weight if getattr(mod, "weight", None) is not None and id(mod.weight) in sel else None
+            b = mod.bias if getattr(mod, "bias", None) is not None and id(mod.bias) in sel else None
+            if w is None and b is None:
+                continue
+            xin, out = rec.inputs[(id(mod), k)], rec.outputs[(id(mod), k)]
+            u = Use(name, mod, k, kind, w, b, float(getattr(mod, "w_mult", 1.0)), float(getattr(mod, "b_mult", 1.0)))
+            u.T = _flat(out, m).shape[1]
+            u.d_out = out.shape[-1]
+            u.d_in = 1 if kind == _EMBED else xin.shape[-1]
+            uses.append(u)
+        # Check: the per-sample gradients the layers imply sum to autograd's batch gradient; a parameter that
+        # is also used outside its module (F.linear(x, mod.weight), ...) fails and falls back to torch.func.
+        params = [p for _, p in self.selected]
+        grads = torch.autograd.grad(f[:, 0].sum(), params, allow_unused=True, retain_graph=True)
+        cap = self._factors(rec, uses, f, m, columns=[0])
+        implied = {id(p): torch.zeros_like(p, dtype=torch.float64) for p in params}
+        for u in uses:
+            if u.weight is not None and u.kind != _NORM:
+                implied[id(u.weight)] += self._weight_sum(u, cap).reshape(u.weight.shape)
+            for p, v in self._vector_grads(u, cap):
+                implied[id(p)] += v.sum(0).reshape(p.shape)
+        fallback = []
+        for (name, p), g in zip(self.selected, grads):
+            ref = torch.zeros_like(implied[id(p)]) if g is None else g.double()
+            scale = ref.abs().max().item() + implied[id(p)].abs().max().item()
+            tol = {"fp64": 1e-9, "bf16": 5e-2}.get(self.precision, 1e-4) * max(scale, 1e-30)
+            if (implied[id(p)] - ref).abs().max().item() > tol:
+                fallback.append(name)
+        bad = {id(p) for n, p in self.selected if n in fallback}
+        if bad:
+            for u in uses:
+                if u.weight is not None and id(u.weight) in bad:
+                    u.weight = None
+                if u.bias is not None and id(u.bias) in bad:
+                    u.bias = None
+            uses = [u for u in uses if u.weight is not None or u.bias is not None]
+            warnings.warn(
+                f"parameters {fallback} are used outside the layers the engine contracts (Linear, Conv1D, "
+                f"Embedding, LayerNorm); their part of K comes from torch.func per-sample gradients (slower)",
+                stacklevel=3,
+            )
+        self.uses, self.fallback = uses, [(n, p) for n, p in self.selected if n in fallback]
+        self.graph_bytes_per_sample = saved_bytes[0] / m
+        return uses
+
+    def _weight_sum(self, u: Use, cap: Capture) -> torch.Tensor:
+        """sum_i G_i of a use's weight, fp64, in the parameter's layout (a check of the capture)."""
+        if u.kind == _EMBED:
+            tok, D = cap.tok[u.label], cap.B[u.label].double()
+            G = torch.zeros(u.weight.shape, dtype=torch.float64, device=D.device)
+            G.index_add_(0, tok.reshape(-1), D.reshape(-1, D.shape[-1]))
+            return u.w_mult * G
+        A, B = cap.A[u.label].double(), cap.B[u.label].double()
+        return u.w_mult * torch.einsum("mtr,mtc->rc", A, B)
+
+    def _vector_grads(self, u: Use, cap: Capture):
+        out = []
+        if u.bias is not None:
+            out.append((u.bias, cap.vec[(u.label, "bias")]))
+        if u.kind == _NORM and u.weight is not None:
+            out.append((u.weight, cap.vec[(u.label, "weight")]))
+        return out
+
+    def _factors(self, rec: _Recorder, uses: list[Use], f: torch.Tensor, m: int, columns=None) -> Capture:
+        """Backward per output column; returns the factors of every use (virtual samples ordered i*C + c)."""
+        columns = list(range(f.shape[1])) if columns is None else columns
+        keys = [(id(u.module), u.call) for u in uses]
+        outs = [rec.outputs[k] for k in keys]
+        Ds = [[] for _ in uses]
+        for c in columns:
+            gs = torch.autograd.grad(f[:, c].sum(), outs, retain_graph=True, allow_unused=True)
+            for i, g in enumerate(gs):
+                Ds[i].append(torch.zeros_like(outs[i]) if g is None else g)
+        cap = Capture()
+        C = len(columns)
+        dt = self.cap_dtype
+        for u, key, Dl in zip(uses, keys, Ds):
+            D = torch.stack([_flat(d, m) for d in Dl], 1).reshape(m * C, -1, u.d_out)  # (mC, T, d_out)
+            x = rec.inputs[key]
+            if u.kind == _EMBED:
+                tok = x.reshape(m, -1)[:, None, :].expand(m, C, -1).reshape(m * C, -1)
+                if u.weight is not None:
+                    cap.tok[u.label], cap.B[u.label] = tok, D.to(dt)
+                continue
+            X = _flat(x, m)
+            if u.kind == _NORM:
+                xhat = _flat(_norm_hat(u.module, x), m)
+                Xv = xhat[:, None].expand(m, C, *xhat.shape[1:]).reshape(m * C, *xhat.shape[1:])
+                if u.weight is not None:
+                    cap.vec[(u.label, "weight")] = (D.double() * Xv.double()).sum(1).to(self._vec_dtype())
+            else:
+                Xv = X[:, None].expand(m, C, *X.shape[1:]).reshape(m * C, *X.shape[1:])
+                if u.weight is not None:
+                    # Row factor A spans the weight's first dimension: D for Linear (out, in), X for Conv1D (in, out).
+                    A, B = (D, Xv) if u.kind == _LINEAR else (Xv, D)
+                    cap.A[u.label], cap.B[u.label] = A.to(dt), B.to(dt)
+            if u.bias is not None:
+                cap.vec[(u.label, "bias")] = (u.b_mult * D.sum(1)).to(self._vec_dtype())
+        return cap
+
+    def _vec_dtype(self):
+        return torch.float64 if self.precision == "fp64" else torch.float32
+
+    def capture(self, X, lo, hi, uses, chunk) -> Capture:
+        """Factors of samples lo:hi for `uses`, forward/backward in chunks, with zero time steps dropped."""
+        parts = []
+        for a in range(lo, hi, chunk):
+            b = min(hi, a + chunk)
+            x = _slice(X, a, b, self.device)
+            rec, f = self._forward(x, uses, b - a)
+            parts.append(self._factors(rec, uses, f, b - a))
+            del rec, f
+        cap = Capture()
+        for name in ("A", "B", "tok", "vec"):
+            for key in getattr(parts[0], name):
+                getattr(cap, name)[key] = torch.cat([getattr(p, name)[key] for p in parts])
+        for u in uses:  # drop tokens where the output-gradient vanishes for every sample (e.g. LM logits but the last)
+            if u.weight is None or u.kind == _NORM:
+                continue
+            D = cap.B[u.label] if u.kind in (_EMBED, _CONV1D) else cap.A[u.label]
+            keep = D.abs().amax(dim=(0, 2)) > 0
+            if not bool(keep.all()):
+                idx = keep.nonzero()[:, 0]
+                if u.kind == _EMBED:
+                    cap.tok[u.label] = cap.tok[u.label][:, idx]
+                else:
+                    cap.A[u.label] = cap.A[u.label][:, idx]
+                cap.B[u.label] = cap.B[u.label][:, idx]
+        return cap
+
+    # ---- contractions
+    def _dense_pair(self, a1, b1, a2, b2, same: bool) -> torch.Tensor:
+        m1, T1, r = a1.shape
+        m2, T2, c = b2.shape
+        ghost = m1 * m2 * T1 * T2 * (r + c)
+        mat = (m1 * T1 + (0 if same else m2 * T2)) * r * c + m1 * m2 * r * c
+        use_ghost = self.strategy == "ghost" or (self.strategy == "auto" and ghost < mat)
+        self._count("ghost" if use_ghost else "materialized")
+        if use_ghost:
+            return ghost_gram(b1, a1, b2, a2, backend=self.backend)
+        return materialized_gram(b1, a1, b1, a1, same=True) if same else materialized_gram(b1, a1, b2, a2)
+
+    def contract(self, uses, cI: Capture, cJ: Capture, same: bool) -> torch.Tensor:
+        """sum over parameters of <G_i, G_j> for the uses of one layer group: (mI C, mJ C) fp64."""
+        K = None
+
+        def add(t):
+            nonlocal K
+            t = t.double()
+            K = t if K is None else K + t
+
+        by_param: dict[int, list[Use]] = {}
+        vec_params: dict[int, list] = {}
+        for u in uses:
+            if u.weight is not None and u.kind != _NORM:
+                by_param.setdefault(id(u.weight), []).append(u)
+            for key in [(u.label, "bias"), (u.label, "weight")]:
+                if key in cI.vec:
+                    p = u.bias if key[1] == "bias" else u.weight
+                    vec_params.setdefault(id(p), []).append(key)
+        for keys in vec_params.values():
+            gI = sum(cI.vec[k] for k in keys)
+            gJ = sum(cJ.vec[k] for k in keys)
+            add(gI @ gJ.T)
+        for us in by_param.values():
+            for u in us:
+                for v in us:
+                    add(u.w_mult * v.w_mult * self._weight_pair(u, v, cI, cJ, same and u is v))
+        return K
+
+    def _weight_pair(self, u: Use, v: Use, cI: Capture, cJ: Capture, same: bool) -> torch.Tensor:
+        lu, lv = u.label, v.label
+        if u.kind == _EMBED and v.kind == _EMBED:
+            self._count("embedding")
+            return embedding_gram(cI.tok[lu], cI.B[lu], cJ.tok[lv], cJ.B[lv], backend=self.backend)
+        if u.kind == _EMBED or v.kind == _EMBED:
+            self._count("tied-cross")
+        if u.kind == _EMBED:
+            return embedding_linear_cross(cI.tok[lu], cI.B[lu], cJ.B[lv], cJ.A[lv])
+        if v.kind == _EMBED:
+            return embedding_linear_cross(cJ.tok[lv], cJ.B[lv], cI.B[lu], cI.A[lu]).T
+        return self._dense_pair(cI.A[lu], cI.B[lu], cJ.A[lv], cJ.B[lv], same)
+
+    # ---- torch.func per-sample gradients (fallback parameters, and the `func` reference)
+    def func_jacobian(self, X, lo, hi, named, chunk) -> torch.Tensor:
+        """Per-sample gradients (m C, P) of the parameters `named` via torch.func (vmap of jacrev)."""
+        from torch.func import functional_call, jacrev, vmap
+
+        names = [n for n, _ in named]
+        fixed = {n: p.detach() for n, p in self.model.named_parameters()}
+        buffers = dict(self.model.named_buffers())
+
+        def f_one(ps, x):
+            xb = {k: v[None] for k, v in x.items()} if isinstance(x, Mapping) else x[None]
+            state = {**fixed, **ps, **buffers}
+            out = _call_functional(functional_call, self.model, state, xb, self.output)
+            return out.reshape(-1)
+
+        rows = []
+        ps = {n: p.detach() for n, p in named}
+        for a in range(lo, hi, chunk):
+            x = _slice(X, a, min(hi, a + chunk), self.device)
+            with _precision_mode(self.precision, self.device):
+                jac = vmap(jacrev(f_one), in_dims=(None, 0))(ps, x)  # {name: (m, C, *shape)}
+            rows.append(torch.cat([jac[n].reshape(jac[n].shape[0] * jac[n].shape[1], -1) for n in names], 1))
+        return torch.cat(rows)
+
+
+def _call_functional(functional_call, model, state, x, output):
+    out = functional_call(model, state, (), x) if isinstance(x, Mapping) else functional_call(model, state, (x,))
+    return _as_output(output(out) if output is not None else out)
+
+
+def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_size: int | None) -> Plan:
+    """Choose layer groups and the sample block so that captures + one forward chunk fit `budget`."""
+    C = eng.C
+    elem = torch.empty((), dtype=eng.cap_dtype).element_size()
+    # Uses that share a parameter (tied weights) must be contracted together: union them into clusters.
+    clusters: list[list[Use]] = []
+    owner: dict[int, int] = {}
+    for u in eng.uses:
+        ps = [id(p) for p in (u.weight, u.bias) if p is not None]
+        hit = sorted({owner[p] for p in ps if p in owner})
+        if hit:
+            tgt = hit[0]
+            for h in hit[1:]:
+                clusters[tgt] += clusters[h]
+                clusters[h] = []
+                for p, o in list(owner.items()):
+                    if o == h:
+                        owner[p] = tgt
+            clusters[tgt].append(u)
+        else:
+            tgt = len(clusters)
+            clusters.append([u])
+        for p in ps:
+            owner[p] = tgt
+    clusters = [c for c in clusters if c]
+    per_sample = [sum(u.bytes_per_sample(elem, C) for u in c) for c in clusters]
+    total = sum(per_sample)
+    graph = max(eng.graph_bytes_per_sample, 1.0)
+    P = sum(p.numel() for _, p in eng.selected)
+    T = max((u.T for u in eng.uses), default=1)
+    nmax = max(n, n2)
+    best = None
+    for G in range(1, len(clusters) + 1):
+        groups = _split(clusters, per_sample, G)
+        cap = max(sum(u.bytes_per_sample(elem, C) for u in g) for g in groups)
+        # held: captures of a row block and a column block (one when a single block covers n) + a forward chunk
+        B = nmax if block_size is None else min(block_size, nmax)
+        while True:
+            R = math.ceil(nmax / B)
+            held = cap * B * (1 if R == 1 else 2)
+            chunk = max(1, min(B, int(0.25 * budget // graph)))
+            if held + chunk * graph <= 0.75 * budget or B == 1:
+                break
+            B = max(1, B // 2)
+        captures = R + R * (R - 1) / 2 if symmetric else R + R * R
+        cost = G * captures * B / nmax  # forward/backward passes over the data, in units of n samples
+        if best is None or cost < best[0] - 1e-9:
+            best = (cost, G, groups, B, chunk, held)
+        if R == 1:
+            break
+    cost, G, groups, B, chunk, held = best
+    if held + chunk * graph > budget:
+        raise NTKError(
+            f"even one sample's captures ({total / 2**20:.1f} MiB) and graph ({graph / 2**20:.1f} MiB) exceed the "
+            f"memory budget {budget / 2**20:.1f} MiB; raise max_memory, pick fewer params, or use precision='bf16'"
+        )
+    flops = 6.0 * P * nmax * T * cost + 2.0 * n * n2 * P * C * C
+    return Plan(
+        n, n2, C, B, groups, [nm for nm, _ in eng.fallback], int(held), int(chunk * graph), chunk, flops, budget
+    )
+
+
+def _split(clusters, sizes, G):
+    """Consecutive clusters into G groups of near-equal bytes."""
+    total, groups, cur, acc = sum(sizes), [], [], 0.0
+    target = total / G
+    for c, s in zip(clusters, sizes):
+        if cur and acc + s > target * (len(groups) + 1) and len(groups) < G - 1:
+            groups.append(cur)
+            cur = []
+        cur = cur + c
+        acc += s
+    groups.append(cur)
+    return [g for g in groups if g]
+
+
+def ntk(
+    model: nn.Module,
+    X: Inputs,
+    X2: Inputs | None = None,
+    *,
+    output: Callable | None = None,
+    params=None,
+    precision: str = "fp32",
+    strategy: str = "auto",
+    trace: bool = False,
+    normalize: bool | float = False,
+    max_memory: int | None = None,
+    block_size: int | None = None,
+    progress: bool = True,
+    stats: dict | None = None,
+) -> torch.Tensor:
+    """Empirical NTK Gram K[i, j] = J(x_i) J(x2_j)^T of `model` at its current parameters.
+
+    X: (n, T) token ids (or (n, ...) inputs, or a dict of them passed as keywords); X2 the same for a cross
+    kernel (default X). output: f of the model's batched output -> (n,) or (n, C); None uses the output as is.
+    Returns (n, n2), or (n, n2, C, C) for C outputs (trace=True sums the diagonal over outputs -> (n, n2)),
+    fp64 for precision="fp64" else fp32. params: see select_params. normalize: True divides by the model's
+    width (THEORY section 1), a number divides by it. strategy: "auto" picks ghost/materialized per layer by
+    cost; "ghost"/"materialized" force one; "loop" and "func" are the references. max_memory: bytes for the
+    engine's working set (default: most of free memory, capped at 8 GiB on CPU). stats: a dict to fill with
+    the plan, the seconds spent capturing and contracting, and the contraction form chosen per layer.
+    """
+    if precision not in PRECISIONS:
+        raise NTKError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if strategy not in STRATEGIES:
+        raise NTKError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    _check_model(model)
+    n = _check_inputs(model, X, "X")
+    n2 = n if X2 is None else _check_inputs(model, X2, "X2")
+    device = next(model.parameters()).device
+    want = torch.float64 if precision == "fp64" else torch.float32
+    pdt = next(model.parameters()).dtype
+    if pdt != want and not (precision == "bf16" and pdt == torch.bfloat16):
+        model = copy.deepcopy(model).to(want)  # deepcopy keeps tied parameters tied
+    selected = select_params(model, params)
+    eng = _Engine(model, output, selected, precision, strategy, progress, device)
+    eng.stats = stats
+    if strategy in ("loop", "func"):
+        K = _reference(eng, X, X2, n, n2, strategy)
+    else:
+        K = _layerwise(eng, X, X2, n, n2, max_memory, block_size)
+    C = eng.C
+    K = K.reshape(n, C, n2, C).permute(0, 2, 1, 3)
+    if trace:
+        K = K.diagonal(dim1=2, dim2=3).sum(-1)
+    elif eng.scalar_output:
+        K = K[:, :, 0, 0]
+    if normalize:
+        K = K / (_width(model) if normalize is True else float(normalize))
+    return K.to(want).contiguous()
+
+
+def _width(model: nn.Module) -> int:
+    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
+    for attr in ("d_model", "hidden_size", "n_embd"):
+        if cfg is not None and getattr(cfg, attr, None):
+            return int(getattr(cfg, attr))
+    raise NTKError("normalize=True needs the model's width (config d_model/hidden_size); pass normalize=<width>")
+
+
+def _layerwise(eng: _Engine, X, X2, n, n2, max_memory, block_size) -> torch.Tensor:
+    start = time.perf_counter()
+    eng.discover(X)
+    with torch.no_grad():
+        probe = _call(eng.model, _slice(X, 0, 1, eng.device), eng.output)
+    eng.scalar_output = probe.dim() == 1
+    symmetric = X2 is None
+    budget = int(max_memory) if max_memory is not None else _default_budget(eng.device)
+    plan = _plan(eng, n, n2, symmetric, budget, block_size)
+    eng.plan = plan
+    C, B = eng.C, plan.block
+    K = torch.zeros(n * C, n2 * C, dtype=torch.float64, device=eng.device)
+    rows = [(a, min(n, a + B)) for a in range(0, n, B)]
+    cols = rows if symmetric else [(a, min(n2, a + B)) for a in range(0, n2, B)]
+    tiles = [(i, j) for i in range(len(rows)) for j in range(len(cols)) if not symmetric or j >= i]
+    total = len(plan.groups) * len(tiles) + (len(tiles) if eng.fallback else 0)
+    show = eng.progress and (total > 1 or plan.flops > 1e12)
+    if show:
+        print(plan, file=sys.stderr)
+    bar = _bar(total, show)
+    XJ = X if symmetric else X2
+    if eng.stats is not None:
+        eng.stats["plan"] = plan
+    t = eng._tick("setup", start)
+    for uses in plan.groups:
+        for i, (a, b) in enumerate(rows):
+            cI = eng.capture(X, a, b, uses, plan.chunk)
+            t = eng._tick("capture", t)
+            for j, (c, d) in enumerate(cols):
+                if symmetric and j < i:
+                    continue
+                same = symmetric and i == j
+                cJ = cI if same else eng.capture(XJ, c, d, uses, plan.chunk)
+                t = eng._tick("capture", t)
+                tile = eng.contract(uses, cI, cJ, same)
+                t = eng._tick("contract", t)
+                if tile is not None:
+                    K[a * C : b * C, c * C : d * C] += tile
+                del cJ
+                bar.update(1)
+            del cI
+    if eng.fallback:
+        for i, (a, b) in enumerate(rows):
+            JI = eng.func_jacobian(X, a, b, eng.fallback, plan.chunk)
+            for j, (c, d) in enumerate(cols):
+                if symmetric and j < i:
+                    continue
+                JJ = JI if symmetric and i == j else eng.func_jacobian(XJ, c, d, eng.fallback, plan.chunk)
+                K[a * C : b * C, c * C : d * C] += JI.double() @ JJ.double().T
+                bar.update(1)
+    bar.close()
+    eng._tick("fallback", t)
+    if symmetric:
+        upper = torch.triu(torch.ones(len(rows), len(rows), dtype=torch.bool))
+        for i, (a, b) in enumerate(rows):
+            for j, (c, d) in enumerate(rows):
+                if not upper[i, j]:
+                    K[a * C : b * C, c * C : d * C] = K[c * C : d * C, a * C : b * C].T
+    return K
+
+
+def _reference(eng: _Engine, X, X2, n, n2, strategy) -> torch.Tensor:
+    """The peers: `loop` (one backward per sample and output) and `func` (torch.func vmap of jacrev, chunks of 8)."""
+    with torch.no_grad():
+        probe = _call(eng.model, _slice(X, 0, 1, eng.device), eng.output)
+    eng.scalar_output = probe.dim() == 1
+    eng.C = 1 if probe.dim() == 1 else probe.shape[1]
+
+    def jac(Xs, m):
+        if strategy == "func":
+            return eng.func_jacobian(Xs, 0, m, eng.selected, 8)
+        params = [p for _, p in eng.selected]
+        rows = []
+        for i in _bar_iter(range(m), eng.progress and m > 16):
+            x = _slice(Xs, i, i + 1, eng.device)
+            with _precision_mode(eng.precision, eng.device):
+                f = _call(eng.model, x, eng.output).reshape(-1)
+            for c in range(f.shape[0]):
+                gs = torch.autograd.grad(f[c], params, retain_graph=c < f.shape[0] - 1, allow_unused=True)
+                rows.append(
+                    torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, params)])
+                )
+        return torch.stack(rows)
+
+    J = jac(X, n)
+    J2 = J if X2 is None else jac(X2, n2)
+    acc = torch.float64 if eng.precision == "fp64" else torch.float32
+    return (J.to(acc) @ J2.to(acc).T).double()
+
+
+def _bar(total: int, show: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="NTK tiles", disable=not show, file=sys.stderr, leave=False)
+
+
+def _bar_iter(it, show: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc="NTK samples", disable=not show, file=sys.stderr, leave=False)
+
+
+def ntk_fn(model: nn.Module, **options) -> Callable[..., torch.Tensor]:
+    """neural-tangents style: K_fn(X, X2=None) -> Gram, with `options` fixed (see ntk)."""
+
+    def K_fn(X: Inputs, X2: Inputs | None = None) -> torch.Tensor:
+        return ntk(model, X, X2, **options)
+
+    return K_fn
+
+
+def plan(
+    model: nn.Module,
+    X: Inputs,
+    X2: Inputs | None = None,
+    *,
+    output: Callable | None = None,
+    params=None,
+    precision: str = "fp32",
+    max_memory: int | None = None,
+    block_size: int | None = None,
+) -> Plan:
+    """The tiling plan `ntk` would use (layer groups, sample blocks, memory, flops), without the Gram."""
+    device = next(model.parameters()).device
+    eng = _Engine(model, output, select_params(model, params), precision, "auto", False, device)
+    eng.discover(X)
+    n = _n(X)
+    n2 = n if X2 is None else _n(X2)
+    budget = max_memory if max_memory is not None else _default_budget(device)
+    return _plan(eng, n, n2, X2 is None, int(budget), block_size)

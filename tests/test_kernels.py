@@ -1,0 +1,166 @@
+"""Every Gram kernel against its fp64 reference: Triton under TRITON_INTERPRET=1 on CPU, and the torch paths.
+
+Shapes are ragged (token counts and feature sizes that are not multiples of the tiles, one token, one
+sample) so masks at tile edges are exercised. Per-dtype tolerances are relative to the Gram's max entry.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from minintk.kernels import (
+    embedding_gram,
+    embedding_gram_reference,
+    embedding_linear_cross,
+    ghost_gram,
+    ghost_gram_reference,
+    materialized_gram,
+    materialized_gram_reference,
+)
+from minintk.kernels._common import HAS_TRITON
+
+# Relative (to max |K|) tolerances. bf16 inputs are rounded first, so the reference sees the same operands;
+# what remains is fp32 accumulation order (and, for the materialized path, G rounded to bf16).
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-5}
+TOL_MATERIALIZED = {torch.float32: 2e-5, torch.bfloat16: 3e-2}
+
+needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed")
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _close(got: torch.Tensor, ref: torch.Tensor, tol: float) -> None:
+    scale = ref.abs().max().clamp_min(1e-30)
+    err = float((got.double() - ref).abs().max() / scale)
+    assert err <= tol, f"relative error {err:.3e} > {tol:.1e}"
+
+
+def _factors(m: int, T: int, a: int, b: int, dtype: torch.dtype, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(m, T, a, generator=g).to(dtype)
+    D = torch.randn(m, T, b, generator=g).to(dtype)
+    return X, D
+
+
+SHAPES = [  # (m1, m2, T1, T2, a, b)
+    (1, 1, 1, 1, 1, 1),
+    (3, 5, 7, 7, 5, 33),
+    (4, 2, 17, 9, 20, 3),
+    (9, 9, 8, 8, 16, 16),
+]
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ghost_triton_matches_reference(interpret, shape, dtype):
+    m1, m2, T1, T2, a, b = shape
+    X1, D1 = _factors(m1, T1, a, b, dtype, 0)
+    X2, D2 = _factors(m2, T2, a, b, dtype, 1)
+    ref = ghost_gram_reference(X1.double(), D1.double(), X2.double(), D2.double())
+    got = ghost_gram(X1, D1, X2, D2, backend="triton")
+    assert got.dtype == torch.float32 and got.shape == (m1, m2)
+    _close(got, ref, TOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,T", [(1, 3), (5, 7), (11, 4)])
+def test_ghost_triton_symmetric(interpret, m, T, dtype):
+    X, D = _factors(m, T, 6, 19, dtype, 2)
+    got = ghost_gram(X, D, backend="triton")
+    assert torch.equal(got, got.T)
+    _close(got, ghost_gram_reference(X.double(), D.double(), X.double(), D.double()), TOL[dtype])
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_embedding_triton_matches_reference(interpret, shape, dtype):
+    m1, m2, T1, T2, _, b = shape
+    g = torch.Generator().manual_seed(3)
+    tok1 = torch.randint(0, 4, (m1, T1), generator=g)  # a small vocabulary: many equal tokens
+    tok2 = torch.randint(0, 4, (m2, T2), generator=g)
+    _, D1 = _factors(m1, T1, 1, b, dtype, 4)
+    _, D2 = _factors(m2, T2, 1, b, dtype, 5)
+    ref = embedding_gram_reference(tok1, D1.double(), tok2, D2.double())
+    _close(embedding_gram(tok1, D1, tok2, D2, backend="triton"), ref, TOL[dtype])
+    sym = embedding_gram(tok1, D1, backend="triton")
+    assert torch.equal(sym, sym.T)
+    _close(sym, embedding_gram_reference(tok1, D1.double(), tok1, D1.double()), TOL[dtype])
+
+
+def test_embedding_reference_equals_one_hot_gradients():
+    """Independent check: form the (V, d) gradients with one-hot matrices and dot them."""
+    g = torch.Generator().manual_seed(6)
+    V, d = 7, 5
+    tok1, tok2 = torch.randint(0, V, (3, 6), generator=g), torch.randint(0, V, (4, 2), generator=g)
+    D1, D2 = torch.randn(3, 6, d, generator=g).double(), torch.randn(4, 2, d, generator=g).double()
+    G1 = torch.einsum("itv,itd->ivd", torch.nn.functional.one_hot(tok1, V).double(), D1).flatten(1)
+    G2 = torch.einsum("jtv,jtd->jvd", torch.nn.functional.one_hot(tok2, V).double(), D2).flatten(1)
+    torch.testing.assert_close(embedding_gram(tok1, D1, tok2, D2), G1 @ G2.T, rtol=1e-12, atol=1e-12)
+
+
+@given(
+    m1=st.integers(1, 4), m2=st.integers(1, 4), T1=st.integers(1, 5), T2=st.integers(1, 5),
+    d=st.integers(1, 6), V=st.integers(1, 9), seed=st.integers(0, 2**16),
+)  # fmt: skip
+@settings(max_examples=25, deadline=None)
+def test_embedding_linear_cross_equals_formed_gradients(m1, m2, T1, T2, d, V, seed):
+    g = torch.Generator().manual_seed(seed)
+    tok1 = torch.randint(0, V, (m1, T1), generator=g)
+    D1 = torch.randn(m1, T1, d, generator=g, dtype=torch.float64)
+    X2 = torch.randn(m2, T2, d, generator=g, dtype=torch.float64)
+    D2 = torch.randn(m2, T2, V, generator=g, dtype=torch.float64)
+    G1 = torch.einsum("itv,itd->ivd", torch.nn.functional.one_hot(tok1, V).double(), D1).flatten(1)
+    G2 = torch.einsum("jtv,jtd->jvd", D2, X2).flatten(1)
+    torch.testing.assert_close(embedding_linear_cross(tok1, D1, X2, D2), G1 @ G2.T, rtol=1e-12, atol=1e-12)
+
+
+@given(
+    m1=st.integers(1, 5), m2=st.integers(1, 5), T1=st.integers(1, 6), T2=st.integers(1, 6),
+    a=st.integers(1, 7), b=st.integers(1, 7), seed=st.integers(0, 2**16),
+)  # fmt: skip
+@settings(max_examples=25, deadline=None)
+def test_torch_paths_fp64_equal_formed_gradients(m1, m2, T1, T2, a, b, seed):
+    X1, D1 = (t.double() for t in _factors(m1, T1, a, b, torch.float32, seed))
+    X2, D2 = (t.double() for t in _factors(m2, T2, a, b, torch.float32, seed + 1))
+    ref = materialized_gram_reference(X1, D1, X2, D2)
+    torch.testing.assert_close(ghost_gram(X1, D1, X2, D2), ref, rtol=1e-12, atol=1e-10)
+    # budget=1 forces one weight row per slice: the slicing is exercised too.
+    torch.testing.assert_close(materialized_gram(X1, D1, X2, D2, budget=1), ref, rtol=1e-12, atol=1e-10)
+    sym = materialized_gram(X1, D1, budget=a)
+    torch.testing.assert_close(sym, materialized_gram_reference(X1, D1, X1, D1), rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_materialized_low_precision(dtype):
+    X1, D1 = _factors(6, 9, 13, 21, dtype, 7)
+    X2, D2 = _factors(3, 4, 13, 21, dtype, 8)
+    ref = materialized_gram_reference(X1, D1, X2, D2)
+    got = materialized_gram(X1, D1, X2, D2, budget=64)
+    assert got.dtype == torch.float32
+    _close(got, ref, TOL_MATERIALIZED[dtype])
+
+
+def test_bad_inputs_are_named(monkeypatch):
+    X, D = _factors(2, 3, 4, 5, torch.float32, 0)
+    with pytest.raises(ValueError, match="must share"):
+        ghost_gram(X, D[:, :2], X, D)
+    with pytest.raises(ValueError, match="input features differ"):
+        materialized_gram(X, D, X[..., :3], D)
+    with pytest.raises(ValueError, match="integer token ids"):
+        embedding_gram(X[..., 0], D)
+    with pytest.raises(ValueError, match=r"lie in \[0, 5\)"):
+        embedding_linear_cross(torch.full((2, 3), 5), X, X, D)
+    with pytest.raises(ValueError, match="backend"):
+        ghost_gram(X, D, backend="cuda")
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            ghost_gram(X, D, backend="triton")

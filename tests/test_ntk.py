@@ -1,0 +1,269 @@
+"""The layerwise NTK engine against an independent fp64 torch.func Jacobian (THEORY.md section 2)."""
+
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch import nn
+from torch.func import functional_call, jacrev, vmap
+
+from minintk import Decoder, DecoderConfig
+from minintk.ntk import NTKError, label_words, last_blocks, ntk, select_params
+
+
+def reference_gram(model, X, X2=None, output=None, params=None):
+    """fp64 K = J J^T from torch.func.jacrev, one sample at a time: (n, n2, C, C) or (n, n2)."""
+    model = model.double() if next(model.parameters()).dtype != torch.float64 else model
+    names = [n for n, _ in select_params(model, params)]
+    full = dict(model.named_parameters())
+
+    def f(ps, x):
+        out = functional_call(model, {**full, **ps}, (x[None],))
+        out = output(out) if output is not None else out
+        return out[0]
+
+    def jac(Xs):
+        ps = {n: full[n].detach() for n in names}
+        J = vmap(jacrev(f), in_dims=(None, 0))(ps, Xs)
+        rows = [
+            J[n].reshape(Xs.shape[0], -1, full[n].numel())
+            if J[n].dim() > full[n].dim() + 1
+            else J[n].reshape(Xs.shape[0], 1, full[n].numel())
+            for n in names
+        ]
+        return torch.cat(rows, -1)  # (n, C, P)
+
+    J1 = jac(X)
+    J2 = J1 if X2 is None else jac(X2)
+    K = torch.einsum("icp,jdp->ijcd", J1, J2)
+    return K
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def small_decoder(seed=0, **kw):
+    torch.manual_seed(seed)
+    base = dict(vocab_size=37, n_positions=12, d_model=16, n_head=2, n_layer=2, sigma_b=0.3)
+    base.update(kw)
+    return Decoder(DecoderConfig(**base))
+
+
+@given(
+    width=st.sampled_from([8, 16, 24]),
+    heads=st.sampled_from([1, 2, 4]),
+    depth=st.integers(1, 2),
+    T=st.integers(1, 9),
+    n=st.integers(1, 5),
+    window=st.sampled_from([None, 2]),
+    param=st.sampled_from(["standard", "ntk"]),
+    head=st.sampled_from(["scalar", "label_words", "classes"]),
+    scale=st.sampled_from(["1/d", "1/sqrt(d)", "none"]),
+    block=st.sampled_from([None, 2]),
+)
+def test_fp64_matches_torch_func(width, heads, depth, T, n, window, param, head, scale, block):
+    m = small_decoder(
+        d_model=width,
+        n_head=heads,
+        n_layer=depth,
+        attention_windows=(window, None),
+        parameterization=param,
+        head=head,
+        label_ids=(3, 5),
+        label_diff=True,
+        n_classes=3,
+        attn_scale=scale,
+    ).double()
+    X = torch.randint(0, 37, (n, T))
+    K = ntk(m, X, precision="fp64", block_size=block, progress=False)
+    R = reference_gram(m, X)
+    R = R[:, :, 0, 0] if head != "classes" else R
+    assert K.dtype == torch.float64 and K.shape == R.shape
+    assert rel(K, R) <= 1e-10, f"relative Frobenius error {rel(K, R):.2e} > 1e-10"
+
+
+@pytest.mark.parametrize("strategy", ["auto", "ghost", "materialized", "loop", "func"])
+def test_fp32_every_strategy(strategy):
+    m = small_decoder(head="label_words", label_ids=(1, 2), label_diff=True, attention_windows=(3, None))
+    X = torch.randint(0, 37, (6, 10))
+    K = ntk(m, X, precision="fp32", strategy=strategy, progress=False)
+    R = reference_gram(m, X)[:, :, 0, 0]
+    assert K.dtype == torch.float32
+    assert rel(K, R) <= 1e-5, f"{strategy}: relative error {rel(K, R):.2e} > 1e-5"
+    assert torch.allclose(K, K.T, rtol=0, atol=1e-6 * K.abs().max()), "K is not symmetric"
+    eig = torch.linalg.eigvalsh(K.double())
+    assert eig.min() >= -1e-5 * eig.max(), f"K is not PSD: smallest eigenvalue {eig.min():.2e}"
+
+
+def test_cross_kernel_and_tiles():
+    m = small_decoder(head="scalar", parameterization="ntk").double()
+    X, X2 = torch.randint(0, 37, (5, 7)), torch.randint(0, 37, (3, 7))
+    K = ntk(m, X, X2, precision="fp64", block_size=2, progress=False)
+    R = reference_gram(m, X, X2)[:, :, 0, 0]
+    assert K.shape == (5, 3) and rel(K, R) <= 1e-10, f"cross kernel error {rel(K, R):.2e}"
+
+
+def test_multi_output_with_and_without_trace():
+    m = small_decoder(head="classes", n_classes=3).double()
+    X = torch.randint(0, 37, (4, 6))
+    K = ntk(m, X, precision="fp64", progress=False)
+    R = reference_gram(m, X)
+    assert K.shape == (4, 4, 3, 3) and rel(K, R) <= 1e-10, f"multi-output error {rel(K, R):.2e}"
+    Kt = ntk(m, X, precision="fp64", trace=True, block_size=3, progress=False)
+    Rt = R.diagonal(dim1=2, dim2=3).sum(-1)
+    assert Kt.shape == (4, 4) and rel(Kt, Rt) <= 1e-10, f"traced error {rel(Kt, Rt):.2e}"
+
+
+@pytest.mark.parametrize("which", ["attention", "last_block", "head_module", "predicate"])
+def test_parameter_subsets(which):
+    m = small_decoder(head="label_words", label_ids=(4, 9), n_layer=3).double()
+    params = {
+        "attention": "blocks.*.attn.*",
+        "last_block": last_blocks(m, 1),
+        "head_module": m.ln_f,
+        "predicate": lambda name, p: name.startswith("wte"),  # the tied embedding / LM head
+    }[which]
+    X = torch.randint(0, 37, (4, 8))
+    K = ntk(m, X, params=params, precision="fp64", progress=False)
+    R = reference_gram(m, X, params=params)
+    assert rel(K, R) <= 1e-10, f"{which}: error {rel(K, R):.2e}"
+
+
+def test_tied_head_has_cross_terms():
+    m = small_decoder(head="label_words", label_ids=(4, 9), label_diff=True).double()
+    X = torch.randint(0, 37, (4, 8))
+    K = ntk(m, X, params="wte.*", precision="fp64", progress=False)
+    # without the cross terms: the embedding use and the head use as if they were separate parameters
+    untied = small_decoder(head="label_words", label_ids=(4, 9), label_diff=True).double()
+    untied.lm_head.weight = nn.Parameter(m.wte.weight.detach().clone())
+    Ku = ntk(untied, X, params=["wte.*", "lm_head.*"], precision="fp64", progress=False)
+    R = reference_gram(m, X, params="wte.*")[:, :, 0, 0]
+    assert rel(K, R) <= 1e-10 and rel(Ku, R) > 1e-3, f"tied {rel(K, R):.2e}, untied {rel(Ku, R):.2e}"
+
+
+def test_transformers_gpt_neo_label_word_difference(tmp_path):
+    from conftest import make_gpt_neo_checkpoint
+
+    _, hf = make_gpt_neo_checkpoint(tmp_path, vocab=41, positions=10, d=16, layers=2, heads=2, window=3)
+    hf = hf.double()
+    out = label_words([7, 11], diff=True)
+    X = torch.randint(0, 41, (5, 10))
+    K = ntk(hf, X, output=out, precision="fp64", block_size=3, progress=False)
+
+    def f(o):
+        return out(o)
+
+    names = [n for n, _ in hf.named_parameters()]
+    full = dict(hf.named_parameters())
+
+    def one(ps, x):
+        return f(functional_call(hf, {**full, **ps}, (x[None],)))[0]
+
+    J = vmap(jacrev(one), in_dims=(None, 0))({n: full[n].detach() for n in names}, X)
+    Jm = torch.cat([J[n].reshape(5, -1) for n in names], 1)
+    R = Jm @ Jm.T
+    assert rel(K, R) <= 1e-10, f"transformers GPT-Neo NTK error {rel(K, R):.2e}"
+
+
+class RawParamModel(nn.Module):
+    """A layer the engine does not know (a raw parameter through F.linear) next to one it does."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(11, 6)
+        self.w = nn.Parameter(torch.randn(6, 6) / 3)
+        self.out = nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.out(torch.tanh(F.linear(self.emb(x), self.w))).mean(1)[:, 0]
+
+
+def test_unknown_layers_fall_back_to_torch_func_with_a_warning():
+    torch.manual_seed(0)
+    m = RawParamModel().double()
+    X = torch.randint(0, 11, (4, 5))
+    with pytest.warns(UserWarning, match=r"\['w'\]"):
+        K = ntk(m, X, precision="fp64", progress=False)
+    R = reference_gram(m, X)[:, :, 0, 0]
+    assert rel(K, R) <= 1e-10, f"fallback error {rel(K, R):.2e}"
+
+
+def test_normalize_by_width():
+    m = small_decoder().double()
+    X = torch.randint(0, 37, (3, 4))
+    K = ntk(m, X, precision="fp64", progress=False)
+    assert torch.allclose(ntk(m, X, precision="fp64", normalize=True, progress=False), K / 16)
+
+
+@pytest.mark.parametrize(
+    "X,output,match",
+    [
+        (torch.rand(3, 4), None, "must be an integer tensor"),
+        (torch.zeros(3, dtype=torch.long), None, r"must have shape \(n, T\)"),
+        (torch.tensor([[1, 99]]), None, r"must lie in \[0, 37\), got min 1, max 99"),
+        (torch.zeros(3, 4, dtype=torch.long), lambda out: out.sum(), "one value"),
+    ],
+)
+def test_bad_input_is_named(X, output, match):
+    m = small_decoder()
+    with pytest.raises(NTKError, match=match):
+        ntk(m, X, output=output, progress=False)
+
+
+def test_nan_dropout_and_unknown_settings_are_refused():
+    m = small_decoder()
+    X = torch.zeros(2, 3, dtype=torch.long)
+    with pytest.raises(NTKError, match="unknown precision 'fp16'"):
+        ntk(m, X, precision="fp16")
+    drop = nn.Sequential(nn.Embedding(37, 4), nn.Dropout(0.1), nn.Flatten(), nn.Linear(12, 1))
+    with pytest.raises(NTKError, match=r"dropout \(p=0.1\) in training mode"):
+        ntk(drop, X[:, :3].repeat(1, 1), progress=False)
+    with torch.no_grad():
+        m.blocks[0].mlp.c_fc.weight[0, 0] = float("nan")
+    with pytest.raises(NTKError, match=r"blocks\.0\.mlp\.c_fc\.weight holds NaN"):
+        ntk(m, X, progress=False)
+
+
+def test_peak_memory_stays_under_max_memory_as_n_grows():
+    """A subprocess measures its own peak RSS: the tiled run's growth stays under max_memory."""
+    code = textwrap.dedent(
+        """
+        import resource, sys, torch
+        from minintk import Decoder, DecoderConfig
+        from minintk.ntk import ntk
+        torch.manual_seed(0)
+        m = Decoder(DecoderConfig(vocab_size=50, n_positions=64, d_model=64, n_head=4, n_layer=2))
+        n, budget = int(sys.argv[1]), 24 << 20
+        ntk(m, torch.randint(0, 50, (4, 64)), progress=False, max_memory=budget)  # warm-up
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        K = ntk(m, torch.randint(0, 50, (n, 64)), progress=False, max_memory=budget)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        print(peak - base, K.shape[0])
+        """
+    )
+    growth = {}
+    for n in (32, 128):
+        out = subprocess.run([sys.executable, "-c", code, str(n)], capture_output=True, text=True, check=True)
+        growth[n] = int(out.stdout.split()[0])
+    # captures of all 128 samples untiled would take ~128 * 64 tokens * ~3.4k floats * 4 B ~ 110 MiB
+    assert max(growth.values()) <= 24 << 20, f"peak growth {growth} exceeds the 24 MiB budget"
+
+
+def test_plan_reports_tiles_and_memory():
+    from minintk.ntk import plan
+
+    m = small_decoder()
+    p = plan(m, torch.randint(0, 37, (64, 12)), max_memory=256 << 10)
+    assert p.block < 64 and p.bytes_captures + p.bytes_graph_chunk <= 256 << 10, str(p)
+    assert "NTK plan: n=64" in str(p)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        K = ntk(m, torch.randint(0, 37, (64, 12)), max_memory=256 << 10, progress=False)
+    assert K.shape == (64, 64)
