@@ -84,11 +84,12 @@ class CausalSelfAttention(nn.Module):
         k = self.k_proj(x).view(n, T, self.n_head, self.d_head).transpose(1, 2)
         # Scores in at least fp32 (as GPT-Neo does), so bf16 runs do not saturate the softmax.
         acc = torch.float32 if self.scores_fp32 else torch.promote_types(q.dtype, torch.float32)
-        s = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * self.scale
+        with torch.autocast(x.device.type, enabled=False):  # under bf16 autocast too
+            s = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * self.scale
         ok = self.allowed(T, x.device)
         if key_mask is not None:
             ok = ok & key_mask[:, None, None, :].bool()
-        s = torch.where(ok, s, torch.finfo(acc).min)
+        s = torch.where(ok, s, torch.finfo(s.dtype).min)
         # transformers' GPT-Neo adds an x.dtype mask before the softmax, so fp64 models take it in fp64.
         s = s.to(torch.promote_types(x.dtype, s.dtype))
         return torch.softmax(s, dim=-1).to(x.dtype)

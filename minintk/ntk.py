@@ -21,6 +21,7 @@ import math
 import sys
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
@@ -33,6 +34,23 @@ PRECISIONS = ("fp64", "fp32", "tf32", "bf16")
 STRATEGIES = ("auto", "ghost", "materialized", "loop", "func")
 
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
+
+
+# Discovered layer uses per model (weakly keyed: a model's entry goes with the model).
+_DISCOVERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _warn_fallback(names: list[str]) -> None:
+    warnings.warn(
+        f"parameters {names} are used outside the layers the engine contracts (Linear, Conv1D, "
+        f"Embedding, LayerNorm); their part of K comes from torch.func per-sample gradients (slower)",
+        stacklevel=4,
+    )
+
+
+def clear_cache() -> None:
+    """Forget every model's discovered layer structure (after replacing modules or re-tying weights)."""
+    _DISCOVERED.clear()
 
 
 class NTKError(ValueError):
@@ -395,6 +413,21 @@ class _Engine:
         return rec, (f if f.dim() == 2 else f[:, None])
 
     def discover(self, X):
+        """`_discover`, remembered per (model, parameters, output, input shape, precision): a model's layer
+        structure is probed once, as a compiler would trace it once. `clear_cache()` after changing a model."""
+        sig = tuple((k, v.dtype, tuple(v.shape[1:])) for k, v in (X.items() if isinstance(X, Mapping) else [("", X)]))
+        key = (tuple(id(p) for _, p in self.selected), self.output, sig, self.precision)
+        per_model = _DISCOVERED.setdefault(self.model, {})
+        if key not in per_model:
+            self._discover(X)
+            per_model[key] = (self.uses, self.fallback, self.graph_bytes_per_sample, self.C)
+        else:
+            self.uses, self.fallback, self.graph_bytes_per_sample, self.C = per_model[key]
+            if self.fallback:
+                _warn_fallback([n for n, _ in self.fallback])
+        return self.uses
+
+    def _discover(self, X):
         """Probe on the first samples: find the uses of the selected parameters, their shapes, graph memory."""
         m = min(2, _n(X))
         x = _slice(X, 0, m, self.device)
@@ -450,11 +483,7 @@ class _Engine:
                 if u.bias is not None and id(u.bias) in bad:
                     u.bias = None
             uses = [u for u in uses if u.weight is not None or u.bias is not None]
-            warnings.warn(
-                f"parameters {fallback} are used outside the layers the engine contracts (Linear, Conv1D, "
-                f"Embedding, LayerNorm); their part of K comes from torch.func per-sample gradients (slower)",
-                stacklevel=3,
-            )
+            _warn_fallback(fallback)
         self.uses, self.fallback = uses, [(n, p) for n, p in self.selected if n in fallback]
         self.graph_bytes_per_sample = saved_bytes[0] / m
         return uses

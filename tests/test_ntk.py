@@ -267,3 +267,37 @@ def test_plan_reports_tiles_and_memory():
         warnings.simplefilter("error")
         K = ntk(m, torch.randint(0, 37, (64, 12)), max_memory=256 << 10, progress=False)
     assert K.shape == (64, 64)
+
+
+def test_bf16_mode_is_close_and_keeps_fp32_scores():
+    """bf16 autocast forward, bf16 factors, fp32 accumulation: within 5% of the fp64 Gram on a small model."""
+    model = small_decoder(3)
+    X = torch.randint(0, 37, (6, 9))
+    K = ntk(model, X, precision="bf16", progress=False)
+    assert K.dtype == torch.float32
+    err = rel(K, reference_gram(model, X)[:, :, 0, 0])
+    assert err < 5e-2, err
+
+
+def test_discovery_is_cached_per_model_and_cleared():
+    from minintk import ntk as ntk_module
+
+    model = small_decoder(4)
+    X = torch.randint(0, 37, (5, 7))
+    K1 = ntk(model, X, precision="fp32", progress=False)
+    assert model in ntk_module._DISCOVERED
+    calls = []
+    orig = ntk_module._Engine._discover
+    ntk_module._Engine._discover = lambda self, X: calls.append(1) or orig(self, X)
+    try:
+        K2 = ntk(model, torch.randint(0, 37, (5, 7)), precision="fp32", progress=False)
+        assert calls == []  # same model, parameters, output and input shape: no second probe
+        ntk(model, torch.randint(0, 37, (5, 8)), precision="fp32", progress=False)
+        assert calls == [1]  # a new sequence length is probed again
+        ntk_module.clear_cache()
+        K3 = ntk(model, X, precision="fp32", progress=False)
+        assert calls == [1, 1]
+    finally:
+        ntk_module._Engine._discover = orig
+    torch.testing.assert_close(K3, K1, rtol=1e-6, atol=1e-6)
+    assert not torch.equal(K2, K1)
