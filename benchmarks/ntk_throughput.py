@@ -217,8 +217,8 @@ def main() -> None:
 def save(out: Path, meta: dict, checks: list, rows: list) -> None:
     """Write the JSON and markdown tables (after every row: an interrupted run keeps what it measured)."""
     doc = {"meta": meta, "checks": checks, "rows": rows}
-    out.with_suffix(".json").write_text(json.dumps(doc, indent=2, default=str))
-    out.with_suffix(".md").write_text(markdown(meta, checks, rows))
+    Path(f"{out}.json").write_text(json.dumps(doc, indent=2, default=str))
+    Path(f"{out}.md").write_text(markdown(meta, checks, rows))
 
 
 def _triton_version() -> str:
