@@ -230,6 +230,28 @@ Predictor = Callable[..., "np.ndarray | tuple[np.ndarray, np.ndarray]"]
 _Filters = Callable[[np.ndarray, int, Any], tuple[np.ndarray, np.ndarray]]
 
 
+def _filtered(
+    V: np.ndarray, y: np.ndarray, h: np.ndarray, g: np.ndarray, u0: Any, K_test: Any, f0_test: Any
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Apply spectral filters to the initial residual: u = u_0 + V h V^T (y - u_0), and on test inputs
+    f = f_0 + Theta(x, X) V g V^T (y - u_0). V (n, n) eigenvectors of K; h, g lead + (n,), one filter per
+    leading index (times or ridge parameters). Returns u (lead + y.shape), or (u, f) if K_test is given."""
+    n = V.shape[0]
+    lead = h.shape[:-1]
+    u_init = _broadcast_init(u0, y.shape, "u0")
+    rr = (V.T @ (y - u_init)).reshape(n, -1)  # (n, C'): residual in the eigenbasis
+    u = u_init + np.matmul(V, h.reshape(-1, n)[:, :, None] * rr[None]).reshape(lead + y.shape)
+    if K_test is None:
+        return u
+    Kx = as_f64(K_test, "K_test")
+    if Kx.ndim != 2 or Kx.shape[1] != n:
+        raise DynamicsError(f"K_test must be Theta(x, X) of shape (m, {n}), got {Kx.shape}")
+    out_shape = (Kx.shape[0],) + y.shape[1:]
+    f_init = _broadcast_init(f0_test, out_shape, "f0_test")
+    f = f_init + np.matmul(Kx @ V, g.reshape(-1, n)[:, :, None] * rr[None]).reshape(lead + out_shape)
+    return u, f
+
+
 def _predictor(K: Any, y: Any, filters: _Filters) -> Predictor:
     l, V = kernel_eigh(K)
     n = l.size
@@ -240,23 +262,8 @@ def _predictor(K: Any, y: Any, filters: _Filters) -> Predictor:
         K_test: Theta(x, X) (m, n) and f0_test its initial outputs (scalar or (m,) / (m, C)).
         Returns u_t (t.shape + y.shape), or (u_t, f_t) with f_t (t.shape + (m,) [+ (C,)]) if K_test is given.
         """
-        u_init = _broadcast_init(u0, y.shape, "u0")
-        r = V.T @ (y - u_init)  # (n,) or (n, C): residual in the eigenbasis
         h, g = filters(l, n, t)
-        tshape = h.shape[:-1]
-        h2, g2 = h.reshape(-1, n), g.reshape(-1, n)
-        rr = r.reshape(n, -1)  # (n, C')
-        u = u_init + np.matmul(V, h2[:, :, None] * rr[None]).reshape(tshape + y.shape)
-        if K_test is None:
-            return u
-        Kx = as_f64(K_test, "K_test")
-        if Kx.ndim != 2 or Kx.shape[1] != n:
-            raise DynamicsError(f"K_test must be Theta(x, X) of shape (m, {n}), got {Kx.shape}")
-        out_shape = (Kx.shape[0],) + y.shape[1:]
-        f_init = _broadcast_init(f0_test, out_shape, "f0_test")
-        B = Kx @ V  # (m, n)
-        f = f_init + np.matmul(B, g2[:, :, None] * rr[None]).reshape(tshape + out_shape)
-        return u, f
+        return _filtered(V, y, h, g, u0, K_test, f0_test)
 
     return predict
 
@@ -341,15 +348,4 @@ def kernel_ridge(
     with np.errstate(divide="ignore", invalid="ignore"):
         g = np.where(keep, 1.0 / np.where(keep, d, 1.0), 0.0)
     h = g * l[None, :]
-    u_init = _broadcast_init(u0, y.shape, "u0")
-    rr = (V.T @ (y - u_init)).reshape(n, -1)
-    u = u_init + np.matmul(V, h[:, :, None] * rr[None]).reshape(lam_a.shape + y.shape)
-    if K_test is None:
-        return u
-    Kx = as_f64(K_test, "K_test")
-    if Kx.ndim != 2 or Kx.shape[1] != n:
-        raise DynamicsError(f"K_test must be Theta(x, X) of shape (m, {n}), got {Kx.shape}")
-    out_shape = (Kx.shape[0],) + y.shape[1:]
-    f_init = _broadcast_init(f0_test, out_shape, "f0_test")
-    f = f_init + np.matmul(Kx @ V, g[:, :, None] * rr[None]).reshape(lam_a.shape + out_shape)
-    return u, f
+    return _filtered(V, y, h.reshape(lam_a.shape + (n,)), g.reshape(lam_a.shape + (n,)), u0, K_test, f0_test)
