@@ -65,6 +65,8 @@ def checks() -> list[dict]:
                  materialized_gram_reference(X1, D1, X1, D1)),
                 ("materialized", materialized_gram(X1, D1, X2, D2, budget=4096), ref),
                 ("embedding triton", embedding_gram(tok1, D1, tok2, D2, backend="triton"), eref),
+                ("ghost blocked", ghost_gram(X1, D1, X2, D2, backend="blocked"), ref),
+                ("embedding blocked", embedding_gram(tok1, D1, tok2, D2, backend="blocked"), eref),
             ]:  # fmt: skip
                 shape = [m1, m2, T1, T2, a, b]
                 rows.append({"kernel": name, "dtype": str(dtype)[6:], "shape": shape, "rel_err": rel(got, r)})
@@ -81,6 +83,8 @@ def time_case(m: int, T: int, a: int, b: int, dtype: torch.dtype) -> dict:
     r["ghost_flops"] = m * m * T * T * (a + b)  # upper triangle only
     r["materialized_flops"] = 2 * m * T * a * b + m * m * a * b
     r["ghost_triton_s"] = bench(lambda: ghost_gram(X, D, backend="triton"))
+    r["ghost_blocked_s"] = bench(lambda: ghost_gram(X, D, backend="blocked"))
+    r["embedding_blocked_s"] = bench(lambda: embedding_gram(tok, De, backend="blocked"))
     if small:
         r["ghost_torch_s"] = bench(lambda: ghost_gram_reference(X, D, X, D), reps=2)
     r["materialized_s"] = bench(lambda: materialized_gram(X, D))
@@ -95,7 +99,8 @@ def time_case(m: int, T: int, a: int, b: int, dtype: torch.dtype) -> dict:
 def timings() -> list[dict]:
     rows = []
     torch.backends.cuda.matmul.allow_tf32 = False
-    cases = [(64, 128, 768, 3072), (256, 8, 768, 3072), (1024, 8, 2048, 2048)]
+    cases = [(64, 128, 768, 3072), (256, 8, 768, 3072), (1024, 8, 2048, 2048), (256, 128, 2048, 2048),
+             (256, 1, 2048, 50257)]  # the last two: GPT-Neo-1.3B tiles (a block's linear / embedding; the LM head)
     for dtype in (torch.float32, torch.bfloat16):
         for m, T, a, b in cases:
             rows.append(time_case(m, T, a, b, dtype))
@@ -109,9 +114,10 @@ def markdown(meta, chk, tim) -> str:
              "| kernel | dtype | shape m1,m2,T1,T2,a,b | rel err |", "|---|---|---|---|"]  # fmt: skip
     lines += [f"| {c['kernel']} | {c['dtype']} | {c['shape']} | {c['rel_err']:.1e} |" for c in chk]
     lines += ["", "## Timings (symmetric Gram of one layer, best of 5, seconds; fp32 = TF32 off)", "",
-              "| dtype | m | T | a | b | ghost Triton | ghost torch | materialized | embedding Triton "
-              "| embedding torch | ghost TFLOP/s | materialized TFLOP/s | cost model picks |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+              "| dtype | m | T | a | b | ghost Triton | ghost blocked | ghost torch | materialized "
+              "| embedding Triton | embedding blocked | embedding torch | ghost TFLOP/s (Triton) "
+              "| materialized TFLOP/s | cost model picks |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
 
     def f(v):
         return f"{v:.4f}" if isinstance(v, float) else "-"
@@ -119,8 +125,9 @@ def markdown(meta, chk, tim) -> str:
     for r in tim:
         lines.append(
             f"| {r['dtype']} | {r['m']} | {r['T']} | {r['a']} | {r['b']} | {f(r['ghost_triton_s'])} | "
-            f"{f(r.get('ghost_torch_s'))} | {f(r['materialized_s'])} | {f(r['embedding_triton_s'])} | "
-            f"{f(r.get('embedding_torch_s'))} | {r['ghost_flops'] / r['ghost_triton_s'] / 1e12:.1f} | "
+            f"{f(r.get('ghost_blocked_s'))} | {f(r.get('ghost_torch_s'))} | {f(r['materialized_s'])} | "
+            f"{f(r['embedding_triton_s'])} | {f(r.get('embedding_blocked_s'))} | {f(r.get('embedding_torch_s'))} | "
+            f"{r['ghost_flops'] / r['ghost_triton_s'] / 1e12:.1f} | "
             f"{r['materialized_flops'] / r['materialized_s'] / 1e12:.1f} | {r['cost_model_picks']} |"
         )
     return "\n".join(lines) + "\n"

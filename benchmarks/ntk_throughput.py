@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+import minintk.ntk
 from minintk import Decoder
 from minintk.config import gpt_neo_config
 from minintk.ntk import ntk
@@ -67,7 +68,7 @@ def timed(model, X, precision, method, repeats: int, warmup: bool = True):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
-        s = {}
+        s = {"time_forms": X.shape[0] >= 1024}  # per-form seconds (a sync per layer) only where it is negligible
         t = time.perf_counter()
         K = run(model, X, precision, method, stats=s if method == "minintk" else None)
         torch.cuda.synchronize()
@@ -115,7 +116,11 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true", help="skip the fp64 checks (run them once per session)")
     ap.add_argument("--cases", default="", help="comma list size:n:T, replacing the default grid")
     ap.add_argument("--skip", default="", help="comma list size:n:method to skip, e.g. 1.3B:1024:loop")
+    ap.add_argument("--ghost-backend", default=None, choices=["triton", "blocked"],
+                    help="ghost/embedding contractions on CUDA (minintk.ntk.CUDA_GHOST_BACKEND; default: its value)")
     args = ap.parse_args()
+    if args.ghost_backend:
+        minintk.ntk.CUDA_GHOST_BACKEND = args.ghost_backend
     sizes, ns = args.sizes.split(","), [int(v) for v in args.ns.split(",")]
     precisions, methods = args.precisions.split(","), args.methods.split(",")
     if args.quick:
@@ -139,6 +144,7 @@ def main() -> None:
         "python": platform.python_version(),
         "peaks_tflops": peaks,
         "flop_count": "6 P n T + 2 n^2 P",
+        "ghost_backend": minintk.ntk.CUDA_GHOST_BACKEND,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -183,12 +189,17 @@ def main() -> None:
                 if stats:
                     plan = stats.get("plan")
                     row.update(
-                        capture_s=stats.get("capture", 0.0),
+                        capture_s=stats.get("capture", 0.0) + stats.get("boundary", 0.0),
+                        boundary_s=stats.get("boundary", 0.0),
                         contract_s=stats.get("contract", 0.0),
                         setup_s=stats.get("setup", 0.0),
                         forms=stats.get("forms", {}),
+                        form_seconds=stats.get("form_seconds", {}),
                         groups=len(plan.groups) if plan else None,
                         block=plan.block if plan else None,
+                        segmented=plan.segmented if plan else None,
+                        passes=plan.passes if plan else None,
+                        plan=str(plan) if plan else None,
                     )
                     gram_flops = 2 * n * n * P + 2 * P * n * T  # forming per-sample gradients + their Gram
                     if row["contract_s"]:
@@ -234,7 +245,8 @@ def markdown(meta, checks, rows) -> str:
     lines = [
         f"# NTK Gram throughput on {meta['gpu']}",
         "",
-        f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}. Measured matmul peaks (TFLOP/s): "
+        f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; ghost/embedding contractions: "
+        f"{meta.get('ghost_backend', 'triton')}. Measured matmul peaks (TFLOP/s): "
         + ", ".join(f"{k} {v:.0f}" for k, v in meta["peaks_tflops"].items())
         + f". Flops counted as {meta['flop_count']}. Output f: label-word logit difference at the last token.",
         "",
@@ -249,7 +261,14 @@ def markdown(meta, checks, rows) -> str:
                 "| | | | | | | | | |"
             )
             continue
-        forms = ", ".join(f"{k} {v}" for k, v in r.get("forms", {}).items())
+        secs = r.get("form_seconds", {})
+        forms = ", ".join(
+            f"{k} {v}" + (f" ({secs[k]:.2f} s)" if k in secs else "") for k, v in r.get("forms", {}).items()
+        )
+        if r.get("groups"):
+            forms += f"; {r['groups']} group(s), " + (
+                f"segmented, {r['passes']:.1f} passes" if r.get("segmented") else f"{r['passes']:.1f} passes"
+            )
         err = r.get("rel_err")
         lines.append(
             f"| {r['model']} | {r['n']} | {r['T']} | {r['precision']} | {r['method']} | {r['seconds']:.3f} | "
@@ -266,7 +285,8 @@ def markdown(meta, checks, rows) -> str:
         "",
         "\\* Gram phase: the counted Gram flops 2 n^2 P + 2 n T P (per-sample gradients and their Gram) over the "
         "contract seconds, as a fraction of the measured matmul peak. The ghost form does fewer flops than this count "
-        "(short T), so it can exceed 100%. 'of peak' counts 6 P n T + 2 n^2 P over the whole time.",
+        "(short T), so it can exceed 100%. 'of peak' counts 6 P n T + 2 n^2 P over the whole time. Capture includes "
+        "the boundary pass of a segmented plan; 'passes' counts forward/backward passes over the samples.",
         "",
         "## Checks against the fp64 reference (tiny GPT-Neo-like model, n=12, T=32)",
         "",

@@ -59,7 +59,7 @@ __all__ = [
     "chunk_size",
 ]
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "torch", "blocked")
 # Precision of tl.dot on float32 inputs (ignored for 16-bit inputs): "ieee" is true fp32 (CUDA cores),
 # "tf32x3" is ~fp32 accuracy on tensor cores, "tf32" is fastest (~1e-3 relative error).
 FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
@@ -88,15 +88,17 @@ def pick_configs(configs: list, interpret_config: object) -> list:
 
 
 def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Map ``backend`` in ("auto", "triton", "torch") to the path actually taken: "triton" or "torch".
+    """Map ``backend`` in BACKENDS to the path actually taken: "triton", "torch" or "blocked".
 
     float64 always takes the torch path. "auto" takes Triton on CUDA tensors, and on CPU tensors only
-    when TRITON_INTERPRET=1.
+    when TRITON_INTERPRET=1. "blocked" (cuBLAS token-pair tiles, kernels/blocked.py) runs on any device.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch" or dtype == torch.float64:
         return "torch"
+    if backend == "blocked":
+        return "blocked"
     usable = HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and interpreting()))
     if backend == "triton" and not usable:
         raise ValueError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ._common import check_tokens, chunk_size, mirror_upper, resolve_backend
+from .blocked import blocked_gram
 from .ghost import _ghost_gram_triton
 
 __all__ = ["embedding_gram", "embedding_gram_reference", "embedding_linear_cross"]
@@ -73,6 +74,8 @@ def embedding_gram(
     if path == "torch":
         out = embedding_gram_reference(tok1, D1, tok2, D2)
         return mirror_upper(out) if same else out
+    if path == "blocked":
+        return blocked_gram(tok1, D1.to(dtype), tok2, D2.to(dtype), same=same)
     if min(tok1.numel(), tok2.numel(), D1.shape[2]) == 0:
         return torch.zeros(tok1.shape[0], tok2.shape[0], dtype=torch.float32, device=D1.device)
     return _ghost_gram_triton(tok1, D1.to(dtype), tok2, D2.to(dtype), same, fp32_precision)

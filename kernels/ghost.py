@@ -26,6 +26,7 @@ from ._common import (
     tl,
     triton,
 )
+from .blocked import blocked_gram
 
 __all__ = ["ghost_gram", "ghost_gram_reference"]
 
@@ -225,7 +226,8 @@ def ghost_gram(
     same=True (or X2, D2 omitted, or X2 is X1 and D2 is D1): one sample set; only the upper triangle is
     computed and the result is exactly symmetric.
     backend: "auto" (Triton on CUDA, or on CPU when TRITON_INTERPRET=1; torch otherwise), "triton",
-    "torch". fp32_precision: tl.dot precision for float32 inputs, one of "ieee", "tf32x3", "tf32".
+    "torch", or "blocked" (cuBLAS token-pair tiles: kernels/blocked.py).
+    fp32_precision: tl.dot precision for float32 inputs, one of "ieee", "tf32x3", "tf32".
     """
     if (X2 is None) != (D2 is None):
         raise ValueError("give both X2 and D2, or neither (same=True)")
@@ -244,6 +246,9 @@ def ghost_gram(
     if path == "torch":
         out = ghost_gram_reference(X1, D1, X2, D2)
         return mirror_upper(out) if same else out
+    if path == "blocked":
+        X1, D1, X2, D2 = (t.to(dtype) for t in (X1, D1, X2, D2))
+        return blocked_gram(X1, D1, X1, D1, same=True) if same else blocked_gram(X1, D1, X2, D2)
     if min(X1.shape[0], X2.shape[0], X1.shape[1], X2.shape[1], X1.shape[2], D1.shape[2]) == 0:
         return torch.zeros(X1.shape[0], X2.shape[0], dtype=torch.float32, device=X1.device)
     X1, D1, X2, D2 = (t.to(dtype) for t in (X1, D1, X2, D2))

@@ -33,8 +33,10 @@ def materialized_gram_reference(
 
 def _slice_grads(X: torch.Tensor, D: torch.Tensor, b0: int, b1: int, keep: torch.dtype) -> torch.Tensor:
     """Per-sample gradients of weight rows b0:b1, flattened: (m, (b1 - b0) a)."""
-    G = bmm_fp32(D[:, :, b0:b1].transpose(1, 2), X)  # (m, bs, a), fp32 accumulation
-    return G.to(keep).flatten(1)
+    Dt = D[:, :, b0:b1].transpose(1, 2)
+    if keep in (torch.bfloat16, torch.float16):  # GEMMs accumulate in fp32 and round once to `keep`
+        return torch.bmm(Dt, X).flatten(1)
+    return bmm_fp32(Dt, X).to(keep).flatten(1)  # (m, bs * a), fp32 accumulation
 
 
 def materialized_gram(

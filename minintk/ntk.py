@@ -36,6 +36,10 @@ STRATEGIES = ("auto", "ghost", "materialized", "loop", "func")
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 
 
+# The ghost and embedding contractions' backend on CUDA: "triton" (the fused kernels) or "blocked" (cuBLAS
+# token-pair tiles); benchmarks/kernels_check.py and ntk_throughput.py --ghost-backend measure both.
+CUDA_GHOST_BACKEND = "blocked"
+
 # Discovered layer uses per model (weakly keyed: a model's entry goes with the model).
 _DISCOVERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -213,6 +217,7 @@ class Use:
     T: int = 0
     d_in: int = 0
     d_out: int = 0
+    segment: int = 0  # 0 before the first block, k + 1 inside block k, L + 1 after the last (see _Blocks)
 
     @property
     def label(self) -> str:
@@ -250,6 +255,10 @@ class _Recorder:
         self.outputs: dict[int, torch.Tensor] = {}
         self.seen: list[tuple[str, nn.Module, int]] = []
         self.handles = []
+        self.segment = 0  # probe: the segment being run (set by the block hooks of _Engine._forward)
+        self.segment_of: dict[tuple[int, int], int] = {}
+        self.taps: dict[int, torch.Tensor] = {}  # block-boundary hidden states asked for by _Engine._forward
+        self.events: list[tuple[str, int, torch.Tensor | None]] = []
 
     def attach(self, modules: Iterable[tuple[str, nn.Module]]):
         for name, mod in modules:
@@ -269,6 +278,7 @@ class _Recorder:
             self.calls[id(mod)] = k + 1
             if self.probe:
                 self.seen.append((name, mod, k))
+                self.segment_of[(id(mod), k)] = self.segment
             use = self.by_module.get(id(mod), {}).get(k)
             if use is None and not self.probe:
                 return
@@ -303,6 +313,30 @@ def _norm_hat(mod: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
     return (xf - mu) / torch.sqrt(var + mod.eps)
 
 
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass at the end of a run of blocks."""
+
+
+def _hidden_in(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    h = args[0] if args else kwargs.get("hidden_states")
+    return h if isinstance(h, torch.Tensor) else None
+
+
+def _hidden_out(out) -> torch.Tensor | None:
+    h = out if isinstance(out, torch.Tensor) else (out[0] if isinstance(out, (tuple, list)) and out else None)
+    return h if isinstance(h, torch.Tensor) else None
+
+
+def _find_blocks(model: nn.Module) -> list[nn.Module] | None:
+    """The model's stack of transformer blocks: its longest ModuleList of one module type holding layers."""
+    best = None
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList) and len(mod) >= 2 and len({type(c) for c in mod}) == 1:
+            if any(_kind(s) is not None for s in mod[0].modules()) and (best is None or len(mod) > len(best)):
+                best = mod
+    return list(best) if best is not None else None
+
+
 # ----------------------------------------------------------------------------------------------- the engine
 
 
@@ -321,13 +355,26 @@ class Plan:
     chunk: int
     flops: float
     budget: int
+    # Segmented capture: output-gradients cached at these block boundaries by one full pass, then each layer
+    # group recomputed from its own blocks only (see _Engine.capture); graph_budget bytes for a run's graph.
+    segmented: bool = False
+    boundaries: tuple[int, ...] = ()
+    bytes_boundary_cache: int = 0
+    graph_budget: int = 0
+    passes: float = 0.0
 
     def __str__(self) -> str:
         tiles = math.ceil(self.n / self.block) * math.ceil(self.n2 / self.block)
+        seg = (
+            f"segmented at {len(self.boundaries)} block boundaries "
+            f"({self.bytes_boundary_cache / 2**30:.2f} GiB cached)"
+            if self.segmented
+            else "one full pass per group"
+        )
         return (
             f"NTK plan: n={self.n} x {self.n2}, {self.C} output(s); {len(self.groups)} layer group(s) x {tiles} "
-            f"sample tile(s) of {self.block}; forward chunks of {self.chunk}; "
-            f"captures {self.bytes_captures / 2**30:.2f} GiB, "
+            f"sample tile(s) of {self.block}; {seg}, ~{self.passes:.1f} forward/backward passes; forward chunks "
+            f"of {self.chunk}; captures {self.bytes_captures / 2**30:.2f} GiB, "
             f"graph {self.bytes_graph_chunk / 2**30:.2f} GiB, budget {self.budget / 2**30:.2f} GiB; "
             f"~{self.flops / 1e12:.2f} TFLOP" + (f"; torch.func fallback for {self.fallback}" if self.fallback else "")
         )
@@ -352,9 +399,10 @@ def _precision_mode(precision: str, device: torch.device):
 
 
 def _default_budget(device: torch.device) -> int:
-    if device.type == "cuda":
+    if device.type == "cuda":  # free memory, counting blocks torch's allocator holds but does not use
         free, _ = torch.cuda.mem_get_info(device)
-        return int(0.85 * free)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(0.75 * free)
     avail = 8 << 30
     with contextlib.suppress(OSError, ValueError, IndexError):
         with open("/proc/meminfo") as f:
@@ -367,11 +415,12 @@ class _Engine:
     def __init__(self, model, output, selected, precision, strategy, progress, device):
         self.model, self.output, self.precision, self.strategy = model, output, precision, strategy
         self.progress, self.device = progress, device
-        # Triton kernels on CUDA; the plain-torch references elsewhere (and for fp64).
-        self.backend = "triton" if device.type == "cuda" and precision != "fp64" else "torch"
+        # Ghost/embedding contractions on CUDA: CUDA_GHOST_BACKEND; the plain-torch references elsewhere (and fp64).
+        self.backend = CUDA_GHOST_BACKEND if device.type == "cuda" and precision != "fp64" else "torch"
         self.selected = selected
         self.cap_dtype = {"fp64": torch.float64, "bf16": torch.bfloat16}.get(precision, torch.float32)
         self.stats: dict | None = None
+        self.blocks: list[nn.Module] | None = None
 
     def _tick(self, phase: str, t0: float) -> float:
         """Add the seconds since t0 to stats[phase] (synchronizing the GPU so that they are real)."""
@@ -384,25 +433,99 @@ class _Engine:
         return now
 
     def _count(self, form: str) -> None:
+        self._form = form
         if self.stats is not None:
             forms = self.stats.setdefault("forms", {})
             forms[form] = forms.get(form, 0) + 1
 
+    def _time_form(self, t0: float) -> None:
+        """stats['form_seconds'][form of the last contraction] += seconds since t0 (GPU synchronized)."""
+        if self.stats is not None and self.stats.get("time_forms"):
+            seconds = self.stats.setdefault("form_seconds", {})
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            seconds[self._form] = seconds.get(self._form, 0.0) + time.perf_counter() - t0
+
     # ---- forward/backward of a block, recording the given uses
-    def _forward(self, x, uses, m, probe=False, saved=None):
+    def _forward(self, x, uses, m, probe=False, saved=None, run=None, taps=()):
+        """One forward pass of a chunk of m samples, recording the layers of `uses` (every layer when probing).
+
+        run=(s0, s1): a run of segments (see _Blocks): autograd records only from segment s0 on (the blocks
+        before are evaluated without a graph), and the pass stops at the end of segment s1 <= L, whose hidden
+        state is left in rec.taps[s1] and f is None. taps: boundaries e whose hidden states go to rec.taps[e].
+        """
         rec = _Recorder(uses, m, probe)
         mods = [(n, mod) for n, mod in self.model.named_modules() if _kind(mod) is not None]
         if not probe:
             want = {id(u.module) for u in uses}
             mods = [(n, mod) for n, mod in mods if id(mod) in want]
         rec.attach(mods)
+        handles = []
+        blocks = self.blocks or []
+        L = len(blocks)
+
+        def pre(k, fn):
+            handles.append(blocks[k].register_forward_pre_hook(fn, with_kwargs=True))
+
+        def post(k, fn):
+            handles.append(blocks[k].register_forward_hook(fn))
+
+        def grad_on(*_):
+            torch.set_grad_enabled(True)
+
+        def tap_in(e, stop=False):
+            def hook(mod, args, kwargs):
+                rec.taps[e] = _hidden_in(args, kwargs)
+                if stop:
+                    raise _Stop
+
+            return hook
+
+        def tap_out(e, stop=False):
+            def hook(mod, args, out):
+                rec.taps[e] = _hidden_out(out)
+                if stop:
+                    raise _Stop
+
+            return hook
+
+        if probe:
+            self._probe_rec = rec  # the probe's pack hook reads the running segment from it
+            for k in range(L):
+                pre(k, self._probe_hook(rec, "pre", k))
+                post(k, self._probe_hook(rec, "post", k))
+        grad_from_start = True
+        if run is not None:
+            s0, s1 = run
+            if s0 > 0:
+                grad_from_start = False
+                if s0 <= L:
+                    pre(s0 - 1, grad_on)
+                else:
+                    post(L - 1, grad_on)
+            if s1 == 0:
+                pre(0, tap_in(0, stop=True))
+            elif s1 <= L:
+                post(s1 - 1, tap_out(s1, stop=True))
+        for e in taps:
+            if e < L:
+                pre(e, tap_in(e))
+            else:
+                post(L - 1, tap_out(e))
+        f = None
         try:
             with _precision_mode(self.precision, self.device):
                 ctx = torch.autograd.graph.saved_tensors_hooks(*saved) if saved else contextlib.nullcontext()
-                with ctx:
+                with ctx, torch.set_grad_enabled(grad_from_start):
                     f = _call(self.model, x, self.output)
+        except _Stop:
+            pass
         finally:
             rec.close()
+            for h in handles:
+                h.remove()
+        if f is None:
+            return rec, None
         if f.dim() not in (1, 2) or f.shape[0] != m:
             raise NTKError(
                 f"output must return one value (m,) or C values (m, C) per sample; for {m} samples it returned "
@@ -412,6 +535,23 @@ class _Engine:
             raise NTKError("the model's output holds NaN or inf for these inputs")
         return rec, (f if f.dim() == 2 else f[:, None])
 
+    @staticmethod
+    def _probe_hook(rec: _Recorder, kind: str, k: int):
+        """Probe: log block entries/exits with their hidden states, and track the segment being run."""
+        if kind == "pre":
+
+            def hook(mod, args, kwargs):
+                rec.events.append(("pre", k, _hidden_in(args, kwargs)))
+                rec.segment = k + 1
+
+        else:
+
+            def hook(mod, args, out):
+                rec.events.append(("post", k, _hidden_out(out)))
+                rec.segment = k + 2
+
+        return hook
+
     def discover(self, X):
         """`_discover`, remembered per (model, parameters, output, input shape, precision): a model's layer
         structure is probed once, as a compiler would trace it once. `clear_cache()` after changing a model."""
@@ -420,30 +560,47 @@ class _Engine:
         per_model = _DISCOVERED.setdefault(self.model, {})
         if key not in per_model:
             self._discover(X)
-            per_model[key] = (self.uses, self.fallback, self.graph_bytes_per_sample, self.C)
+            per_model[key] = {k: getattr(self, k) for k in self._DISCOVERED_ATTRS}
         else:
-            self.uses, self.fallback, self.graph_bytes_per_sample, self.C = per_model[key]
+            for k, v in per_model[key].items():
+                setattr(self, k, v)
             if self.fallback:
                 _warn_fallback([n for n, _ in self.fallback])
         return self.uses
 
+    _DISCOVERED_ATTRS = ("uses", "fallback", "graph_bytes_per_sample", "C", "blocks", "seg_graph", "seg_flops",
+                         "h_bytes")
+
     def _discover(self, X):
-        """Probe on the first samples: find the uses of the selected parameters, their shapes, graph memory."""
+        """Probe on the first samples: find the uses of the selected parameters, their shapes, graph memory,
+        and the model's block structure (segments) when it has one."""
         m = min(2, _n(X))
         x = _slice(X, 0, m, self.device)
+        T_in = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() >= 2 else 0
         sel = {id(p) for _, p in self.selected}
-        saved_bytes = [0]
+        self.blocks = _find_blocks(self.model)
+        L = len(self.blocks or [])
+        seg_bytes = [0.0] * (L + 2)
         seen_ptr = set()
 
         def pack(t):
+            # Only tensors that carry the sample dimension grow with the chunk (not weights or their casts).
             key = (t.data_ptr(), t.dtype, tuple(t.shape))
-            if key not in seen_ptr:
+            if key not in seen_ptr and t.dim() >= 1 and t.shape[0] in (m, m * T_in):
                 seen_ptr.add(key)
-                saved_bytes[0] += t.numel() * t.element_size()
+                seg_bytes[self._probe_rec.segment] += t.numel() * t.element_size()
             return t
 
         rec, f = self._forward(x, [], m, probe=True, saved=(pack, lambda t: t))
         self.C = f.shape[1]
+        self.graph_bytes_per_sample = sum(seg_bytes) / m
+        self.seg_graph = [b / m for b in seg_bytes]
+        self._check_blocks(rec, m)
+        self.seg_flops = [0.0] * (L + 2)
+        for _, mod, k in rec.seen:  # forward flops per sample and segment (linear layers)
+            if _kind(mod) in (_LINEAR, _CONV1D):
+                key = (id(mod), k)
+                self.seg_flops[rec.segment_of[key]] += 2.0 * rec.outputs[key].numel() / m * rec.inputs[key].shape[-1]
         uses = []
         for name, mod, k in rec.seen:
             kind = _kind(mod)
@@ -456,6 +613,7 @@ class _Engine:
             u.T = _flat(out, m).shape[1]
             u.d_out = out.shape[-1]
             u.d_in = 1 if kind == _EMBED else xin.shape[-1]
+            u.segment = rec.segment_of[(id(mod), k)]
             uses.append(u)
         # Check: the per-sample gradients the layers imply sum to autograd's batch gradient; a parameter that
         # is also used outside its module (F.linear(x, mod.weight), ...) fails and falls back to torch.func.
@@ -485,8 +643,89 @@ class _Engine:
             uses = [u for u in uses if u.weight is not None or u.bias is not None]
             _warn_fallback(fallback)
         self.uses, self.fallback = uses, [(n, p) for n, p in self.selected if n in fallback]
-        self.graph_bytes_per_sample = saved_bytes[0] / m
+        if self.blocks is not None and uses and not self._check_segmented(x, uses, m):
+            self.blocks = None
         return uses
+
+    def _check_blocks(self, rec: _Recorder, m: int) -> None:
+        """Keep self.blocks only if the probe ran them once each, in order, as a chain of hidden states."""
+        blocks, ev = self.blocks, rec.events
+        self.h_bytes = []
+        if blocks is None:
+            return
+        L = len(blocks)
+        want = [(kind, k) for k in range(L) for kind in ("pre", "post")]
+        ok = [(kind, k) for kind, k, _ in ev] == want and all(h is not None and h.shape[0] == m for _, _, h in ev)
+        ok = ok and all(ev[2 * k + 1][2] is ev[2 * k + 2][2] for k in range(L - 1))
+        if not ok:
+            self.blocks = None
+            return
+        hs = [ev[2 * k][2] for k in range(L)] + [ev[-1][2]]  # boundary e: input of block e; L: the last output
+        self.h_bytes = [h.numel() / m * min(h.element_size(), self.cap_dtype.itemsize) for h in hs]
+
+    def _check_segmented(self, x, uses: list[Use], m: int) -> bool:
+        """Segmented capture (one run per segment, from cached boundary gradients) reproduces the full pass."""
+        rec, f = self._forward(x, uses, m)
+        full = self._factors(rec, uses, f, m)
+        del rec, f
+        L = len(self.blocks)
+        segs = sorted({u.segment for u in uses})
+        grads = self.boundary_grads(x, m, [s for s in segs if s <= L], m)
+        tol = {"fp64": 1e-9, "bf16": 5e-2}.get(self.precision, 1e-4)
+        for s in segs:
+            part = self._capture_chunks(x, 0, m, [u for u in uses if u.segment == s], m, (s, s), grads)
+            for name in ("A", "B", "tok", "vec"):
+                for key, v in getattr(part, name).items():
+                    ref = getattr(full, name)[key]
+                    if v.shape != ref.shape:
+                        return False
+                    if name == "tok":
+                        if not torch.equal(v, ref):
+                            return False
+                        continue
+                    scale = max(ref.abs().max().item(), 1e-30)
+                    if (v.double() - ref.double()).abs().max().item() > tol * scale:
+                        return False
+        return True
+
+    def _runs(self, uses: list[Use]) -> list[tuple[tuple[int, int], list[Use]]]:
+        """Uses split into runs of consecutive segments: [((s0, s1), uses in s0..s1), ...]."""
+        spans: list[list[int]] = []
+        for s in sorted({u.segment for u in uses}):
+            if spans and s == spans[-1][1] + 1:
+                spans[-1][1] = s
+            else:
+                spans.append([s, s])
+        return [((a, b), [u for u in uses if a <= u.segment <= b]) for a, b in spans]
+
+    def _run_graph(self, run: tuple[int, int]) -> float:
+        """Autograd-graph bytes per sample of a run of segments."""
+        return max(sum(self.seg_graph[run[0] : run[1] + 1]), 1.0)
+
+    def boundary_grads(self, X, n: int, E: list[int], chunk: int) -> dict[int, torch.Tensor]:
+        """dF_c/dh_e at block boundaries e (the input of block e; e = L the last block's output) for the n
+        samples of X, by full forward/backward passes in chunks: {e: (n, C, *h.shape[1:])}, h's dtype."""
+        out: dict[int, torch.Tensor] = {}
+        if not E:
+            return out
+        for a in range(0, n, chunk):
+            b = min(n, a + chunk)
+            rec, f = self._forward(_slice(X, a, b, self.device), [], b - a, taps=E)
+            hs = [rec.taps[e] for e in E]
+            live = [i for i, h in enumerate(hs) if h.requires_grad]
+            for c in range(f.shape[1]):
+                gs = torch.autograd.grad(
+                    f[:, c].sum(), [hs[i] for i in live], retain_graph=c < f.shape[1] - 1, allow_unused=True
+                )
+                for e, h in zip(E, hs):  # 16-bit modes keep them in the capture dtype (half the memory)
+                    if e not in out:
+                        dt = self.cap_dtype if self.cap_dtype.itemsize < h.dtype.itemsize else h.dtype
+                        out[e] = torch.zeros((n, f.shape[1], *h.shape[1:]), dtype=dt, device=h.device)
+                for i, g in zip(live, gs):
+                    if g is not None:
+                        out[E[i]][a:b, c] = g
+            del rec, f, hs
+        return out
 
     def _weight_sum(self, u: Use, cap: Capture) -> torch.Tensor:
         """sum_i G_i of a use's weight, fp64, in the parameter's layout (a check of the capture)."""
@@ -506,14 +745,21 @@ class _Engine:
             out.append((u.weight, cap.vec[(u.label, "weight")]))
         return out
 
-    def _factors(self, rec: _Recorder, uses: list[Use], f: torch.Tensor, m: int, columns=None) -> Capture:
-        """Backward per output column; returns the factors of every use (virtual samples ordered i*C + c)."""
-        columns = list(range(f.shape[1])) if columns is None else columns
+    def _factors(self, rec: _Recorder, uses: list[Use], f, m: int, columns=None, root=None) -> Capture:
+        """Backward per output column; returns the factors of every use (virtual samples ordered i*C + c).
+
+        root=(h, g): backpropagate from a block boundary h (m, ...) with its cached gradient g (m, C, ...)
+        instead of from the output f.
+        """
+        columns = list(range(f.shape[1] if root is None else root[1].shape[1])) if columns is None else columns
         keys = [(id(u.module), u.call) for u in uses]
         outs = [rec.outputs[k] for k in keys]
         Ds = [[] for _ in uses]
         for c in columns:
-            gs = torch.autograd.grad(f[:, c].sum(), outs, retain_graph=True, allow_unused=True)
+            if root is None:
+                gs = torch.autograd.grad(f[:, c].sum(), outs, retain_graph=True, allow_unused=True)
+            else:
+                gs = torch.autograd.grad(root[0], outs, root[1][:, c], retain_graph=True, allow_unused=True)
             for i, g in enumerate(gs):
                 Ds[i].append(torch.zeros_like(outs[i]) if g is None else g)
         cap = Capture()
@@ -546,19 +792,43 @@ class _Engine:
     def _vec_dtype(self):
         return torch.float64 if self.precision == "fp64" else torch.float32
 
-    def capture(self, X, lo, hi, uses, chunk) -> Capture:
-        """Factors of samples lo:hi for `uses`, forward/backward in chunks, with zero time steps dropped."""
-        parts = []
+    def _capture_chunks(self, X, lo, hi, uses, chunk, run=None, grads=None) -> Capture:
+        """Factors of samples lo:hi for `uses`, forward/backward in chunks (of a run of segments: see _forward)."""
+        cap, C, first = Capture(), self.C, True
         for a in range(lo, hi, chunk):
             b = min(hi, a + chunk)
             x = _slice(X, a, b, self.device)
-            rec, f = self._forward(x, uses, b - a)
-            parts.append(self._factors(rec, uses, f, b - a))
-            del rec, f
-        cap = Capture()
-        for name in ("A", "B", "tok", "vec"):
-            for key in getattr(parts[0], name):
-                getattr(cap, name)[key] = torch.cat([getattr(p, name)[key] for p in parts])
+            rec, f = self._forward(x, uses, b - a, run=run)
+            root = None if f is not None else (rec.taps[run[1]], grads[run[1]][a:b].to(rec.taps[run[1]].dtype))
+            part = self._factors(rec, uses, f, b - a, root=root)
+            del rec, f, root
+            if first and b == hi:  # one chunk: its factors are the capture
+                return part
+            if first:  # the factors of all samples lo:hi, filled chunk by chunk (rows ordered i * C + c)
+                first = False
+                for name in ("A", "B", "tok", "vec"):
+                    for key, v in getattr(part, name).items():
+                        getattr(cap, name)[key] = v.new_empty(((hi - lo) * C, *v.shape[1:]))
+            for name in ("A", "B", "tok", "vec"):
+                for key, v in getattr(part, name).items():
+                    getattr(cap, name)[key][(a - lo) * C : (b - lo) * C] = v
+            del part
+        return cap
+
+    def capture(self, X, lo, hi, uses, chunk, grads=None, graph_budget=0) -> Capture:
+        """Factors of samples lo:hi for `uses`, with zero time steps dropped. grads (boundary_grads of X):
+        segmented, each run of segments is recomputed alone in chunks that fit graph_budget bytes; otherwise
+        full forward/backward passes in chunks of `chunk`."""
+        if grads is None:
+            cap = self._capture_chunks(X, lo, hi, uses, chunk)
+        else:
+            cap = Capture()
+            for run, us in self._runs(uses):
+                per = self._run_graph(run) + sum(u.bytes_per_sample(self.cap_dtype.itemsize, self.C) for u in us)
+                c = max(1, min(hi - lo, int(graph_budget // per)))
+                part = self._capture_chunks(X, lo, hi, us, c, run, grads)
+                for name in ("A", "B", "tok", "vec"):
+                    getattr(cap, name).update(getattr(part, name))
         for u in uses:  # drop tokens where the output-gradient vanishes for every sample (e.g. LM logits but the last)
             if u.weight is None or u.kind == _NORM:
                 continue
@@ -604,13 +874,18 @@ class _Engine:
                     p = u.bias if key[1] == "bias" else u.weight
                     vec_params.setdefault(id(p), []).append(key)
         for keys in vec_params.values():
+            t0 = time.perf_counter()
+            self._count("vector")
             gI = sum(cI.vec[k] for k in keys)
             gJ = sum(cJ.vec[k] for k in keys)
             add(gI @ gJ.T)
+            self._time_form(t0)
         for us in by_param.values():
             for u in us:
                 for v in us:
+                    t0 = time.perf_counter()
                     add(u.w_mult * v.w_mult * self._weight_pair(u, v, cI, cJ, same and u is v))
+                    self._time_form(t0)
         return K
 
     def _weight_pair(self, u: Use, v: Use, cI: Capture, cJ: Capture, same: bool) -> torch.Tensor:
@@ -687,34 +962,61 @@ def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_siz
     P = sum(p.numel() for _, p in eng.selected)
     T = max((u.T for u in eng.uses), default=1)
     nmax = max(n, n2)
+    n_all = n + (0 if symmetric else n2)
+    L = len(eng.blocks or [])
+    flops = sum(eng.seg_flops) if eng.blocks else 0.0
+    workspace = min(3 << 30, 0.1 * budget)  # materialized slices, blocked token-pair tiles (kernels' budgets)
     best = None
     for G in range(1, len(clusters) + 1):
         groups = _split(clusters, per_sample, G)
         cap = max(sum(u.bytes_per_sample(elem, C) for u in g) for g in groups)
-        # held: captures of a row block and a column block (one when a single block covers n) + a forward chunk
-        B = nmax if block_size is None else min(block_size, nmax)
-        while True:
-            R = math.ceil(nmax / B)
-            held = cap * B * (1 if R == 1 else 2)
-            chunk = max(1, min(B, int(0.25 * budget // graph)))
-            if held + chunk * graph <= 0.75 * budget or B == 1:
-                break
-            B = max(1, B // 2)
-        captures = R + R * (R - 1) / 2 if symmetric else R + R * R
-        cost = G * captures * B / nmax  # forward/backward passes over the data, in units of n samples
-        if best is None or cost < best[0] - 1e-9:
-            best = (cost, G, groups, B, chunk, held)
-        if R == 1:
-            break
-    cost, G, groups, B, chunk, held = best
-    if held + chunk * graph > budget:
+        for segmented in ([False, True] if eng.blocks and flops > 0 else [False]):
+            if segmented:  # one full pass caches boundary gradients; then each run recomputes its own blocks
+                runs = [r for g in groups for r, _ in eng._runs(g)]
+                E = tuple(sorted({s1 for _, s1 in runs if s1 <= L}))
+                cache = n_all * C * sum(eng.h_bytes[e] for e in E)
+                run_graph = max(eng._run_graph(r) for r in runs)
+                work = sum(
+                    (sum(eng.seg_flops[a : b + 1]) + sum(eng.seg_flops[:a]) / 3) / flops for a, b in runs
+                )  # local forward/backward + forward-only prefix, in full passes
+            else:
+                E, cache, run_graph, work = (), 0, graph, float(G)
+            # held: captures of a row block and a column block (one when a single block covers n), the contraction
+            # kernels' workspace, and a chunk's graph (with the chunk's factors before they are stored: + cap)
+            run_graph += cap
+            B = nmax if block_size is None else min(block_size, nmax)
+            while True:
+                R = math.ceil(nmax / B)
+                held = cap * B * (1 if R == 1 else 2) + workspace
+                free = 0.75 * budget - held - cache
+                if segmented:
+                    chunk = int(free // run_graph)
+                    ok = chunk >= min(B, 16)
+                else:
+                    chunk = max(1, min(B, int(0.25 * budget // run_graph)))
+                    ok = held + chunk * run_graph <= 0.75 * budget
+                if ok or B == 1:
+                    break
+                B = max(1, B // 2)
+            chunk = max(1, min(B, chunk))
+            if held + cache + chunk * run_graph > budget:
+                continue
+            captures = R + R * (R - 1) / 2 if symmetric else R + R * R
+            passes = captures * B / nmax * work + (n_all / nmax if segmented else 0.0)
+            if best is None or passes < best[0] - 1e-9:
+                best = (passes, groups, B, chunk, held, segmented, E, cache, free, run_graph)
+    if best is None:
         raise NTKError(
             f"even one sample's captures ({total / 2**20:.1f} MiB) and graph ({graph / 2**20:.1f} MiB) exceed the "
             f"memory budget {budget / 2**20:.1f} MiB; raise max_memory, pick fewer params, or use precision='bf16'"
         )
-    flops = 6.0 * P * nmax * T * cost + 2.0 * n * n2 * P * C * C
+    passes, groups, B, chunk, held, segmented, E, cache, free, run_graph = best
+    if segmented:  # the boundary pass runs before any capture is held
+        chunk = max(1, min(nmax, int((0.75 * budget - cache) // graph)))
+    flops_total = 6.0 * P * nmax * T * passes + 2.0 * n * n2 * P * C * C
     return Plan(
-        n, n2, C, B, groups, [nm for nm, _ in eng.fallback], int(held), int(chunk * graph), chunk, flops, budget
+        n, n2, C, B, groups, [nm for nm, _ in eng.fallback], int(held), int(chunk * graph), chunk, flops_total,
+        budget, segmented, E, int(cache), int(max(free, 0)), passes,
     )
 
 
@@ -757,7 +1059,8 @@ def ntk(
     width (THEORY section 1), a number divides by it. strategy: "auto" picks ghost/materialized per layer by
     cost; "ghost"/"materialized" force one; "loop" and "func" are the references. max_memory: bytes for the
     engine's working set (default: most of free memory, capped at 8 GiB on CPU). stats: a dict to fill with
-    the plan, the seconds spent capturing and contracting, and the contraction form chosen per layer.
+    the plan, the seconds spent capturing and contracting, and the contraction form chosen per layer (with
+    stats["time_forms"] = True beforehand, also the seconds per form, synchronizing after each layer).
     """
     if precision not in PRECISIONS:
         raise NTKError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
@@ -821,15 +1124,20 @@ def _layerwise(eng: _Engine, X, X2, n, n2, max_memory, block_size) -> torch.Tens
     if eng.stats is not None:
         eng.stats["plan"] = plan
     t = eng._tick("setup", start)
+    gI = gJ = None
+    if plan.segmented:
+        gI = eng.boundary_grads(X, n, list(plan.boundaries), plan.chunk)
+        gJ = gI if symmetric else eng.boundary_grads(X2, n2, list(plan.boundaries), plan.chunk)
+        t = eng._tick("boundary", t)
     for uses in plan.groups:
         for i, (a, b) in enumerate(rows):
-            cI = eng.capture(X, a, b, uses, plan.chunk)
+            cI = eng.capture(X, a, b, uses, plan.chunk, gI, plan.graph_budget)
             t = eng._tick("capture", t)
             for j, (c, d) in enumerate(cols):
                 if symmetric and j < i:
                     continue
                 same = symmetric and i == j
-                cJ = cI if same else eng.capture(XJ, c, d, uses, plan.chunk)
+                cJ = cI if same else eng.capture(XJ, c, d, uses, plan.chunk, gJ, plan.graph_budget)
                 t = eng._tick("capture", t)
                 tile = eng.contract(uses, cI, cJ, same)
                 t = eng._tick("contract", t)

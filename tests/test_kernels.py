@@ -95,6 +95,49 @@ def test_embedding_triton_matches_reference(interpret, shape, dtype):
     _close(sym, embedding_gram_reference(tok1, D1.double(), tok1, D1.double()), TOL[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("budget", [1, 100, 1 << 20])
+def test_blocked_matches_reference(shape, dtype, budget):
+    """cuBLAS token-pair tiles (kernels/blocked.py), tiled down to one sample pair, ghost and embedding."""
+    from minintk.kernels.blocked import blocked_gram
+
+    m1, m2, T1, T2, a, b = shape
+    X1, D1 = _factors(m1, T1, a, b, dtype, 6)
+    X2, D2 = _factors(m2, T2, a, b, dtype, 7)
+    ref = ghost_gram_reference(X1.double(), D1.double(), X2.double(), D2.double())
+    _close(blocked_gram(X1, D1, X2, D2, budget=budget), ref, TOL[dtype])
+    sym = blocked_gram(X1, D1, X1, D1, same=True, budget=budget)
+    assert torch.equal(sym, sym.T)
+    _close(sym, ghost_gram_reference(X1.double(), D1.double(), X1.double(), D1.double()), TOL[dtype])
+    tok1, tok2 = torch.randint(0, 3, (m1, T1)), torch.randint(0, 3, (m2, T2))
+    eref = embedding_gram_reference(tok1, D1.double(), tok2, D2.double())
+    _close(blocked_gram(tok1, D1, tok2, D2, budget=budget), eref, TOL[dtype])
+    _close(embedding_gram(tok1, D1, tok2, D2, backend="blocked"), eref, TOL[dtype])
+    _close(ghost_gram(X1, D1, X2, D2, backend="blocked"), ref, TOL[dtype])
+
+
+@pytest.mark.parametrize("same", [False, True])
+@pytest.mark.parametrize("m1,m2,T,budget", [(40, 40, 4, 64), (40, 7, 3, 100), (5, 50, 8, 64), (30, 30, 1, 10)])
+def test_blocked_tiles_stay_within_budget(monkeypatch, same, m1, m2, T, budget):
+    """Every token-pair tile the blocked path forms has at most `budget` elements (unless one pair exceeds it)."""
+    from minintk.kernels import blocked
+
+    sizes = []
+    real = blocked.mm_fp32
+
+    def spy(a, b):
+        sizes.append(a.shape[0] * b.shape[1])
+        return real(a, b)
+
+    monkeypatch.setattr(blocked, "mm_fp32", spy)
+    X1, D1 = _factors(m1, T, 3, 5, torch.float32, 8)
+    X2, D2 = (X1, D1) if same else _factors(m2, T, 3, 5, torch.float32, 9)
+    got = blocked.blocked_gram(X1, D1, X2, D2, same=same, budget=budget)
+    assert max(sizes) <= max(budget, T * T)
+    _close(got, ghost_gram_reference(X1.double(), D1.double(), X2.double(), D2.double()), TOL[torch.float32])
+
+
 def test_embedding_reference_equals_one_hot_gradients():
     """Independent check: form the (V, d) gradients with one-hot matrices and dot them."""
     g = torch.Generator().manual_seed(6)

@@ -301,3 +301,84 @@ def test_discovery_is_cached_per_model_and_cleared():
         ntk_module._Engine._discover = orig
     torch.testing.assert_close(K3, K1, rtol=1e-6, atol=1e-6)
     assert not torch.equal(K2, K1)
+
+
+def _segmented_budget(model, X, X2=None, **kw):
+    """A memory budget under which the planner picks a segmented plan with several layer groups, or None."""
+    from minintk.ntk import plan
+
+    for k in range(40):
+        budget = int(64e6 * 0.8**k)
+        try:
+            p = plan(model, X, X2, max_memory=budget, **kw)
+        except NTKError:
+            break
+        if p.segmented and len(p.groups) > 1:
+            return budget, p
+    return None, None
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_segmented_capture_matches_torch_func(cross):
+    """Block-boundary gradients from one full pass, then each layer group recomputed from its own blocks."""
+    m = small_decoder(n_layer=4, head="label_words", label_ids=(4, 9), label_diff=False, n_positions=16).double()
+    X = torch.randint(0, 37, (16, 12))
+    X2 = torch.randint(0, 37, (9, 12)) if cross else None
+    budget, p = _segmented_budget(m, X, X2, precision="fp64")
+    assert p is not None, "no budget gave a segmented plan"
+    assert p.boundaries and "segmented" in str(p)
+    stats = {}
+    K = ntk(m, X, X2, precision="fp64", max_memory=budget, progress=False, stats=stats)
+    assert stats["plan"].segmented and stats["boundary"] > 0
+    R = reference_gram(m, X, X2)
+    assert rel(K, R) <= 1e-10, f"segmented plan {p}: error {rel(K, R):.2e}"
+
+
+def test_transformers_blocks_are_segments(tmp_path):
+    """transformers' GPT-Neo blocks (tuple outputs, keyword masks) pass the segmentation check; the Gram of a
+    segmented plan is exact."""
+    from conftest import make_gpt_neo_checkpoint
+
+    from minintk.ntk import _Engine
+
+    _, hf = make_gpt_neo_checkpoint(tmp_path, vocab=41, positions=10, d=16, layers=4, heads=2, window=3)
+    hf = hf.double()
+    out = label_words([7, 11], diff=True)
+    X = torch.randint(0, 41, (12, 10))
+    eng = _Engine(hf, out, select_params(hf), "fp64", "auto", False, torch.device("cpu"))
+    eng.discover(X)
+    segs = [u.segment for u in eng.uses]
+    assert eng.blocks is not None and len(eng.blocks) == 4
+    assert segs == sorted(segs) and segs[0] == 0 and segs[-1] == 5  # embeddings ... lm_head after the last block
+    budget, p = _segmented_budget(hf, X, output=out, precision="fp64")
+    assert p is not None
+    K = ntk(hf, X, output=out, precision="fp64", max_memory=budget, progress=False)
+    R = reference_gram(hf, X, output=lambda o: out(o))
+    assert rel(K, R[:, :, 0, 0] if R.dim() == 4 else R) <= 1e-10
+
+
+class ParallelBlocks(nn.Module):
+    """A ModuleList whose members are not a chain (all read the embedding): not segmentable."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(13, 8)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(8, 8), nn.Tanh()) for _ in range(3)])
+        self.out = nn.Linear(8, 1)
+
+    def forward(self, x):
+        h = self.emb(x)
+        return self.out(sum(b(h) for b in self.blocks)).mean(1)[:, 0]
+
+
+def test_blocks_that_are_not_a_chain_are_not_segmented():
+    from minintk.ntk import _Engine
+
+    torch.manual_seed(0)
+    m = ParallelBlocks().double()
+    X = torch.randint(0, 13, (6, 5))
+    eng = _Engine(m, None, select_params(m), "fp64", "auto", False, torch.device("cpu"))
+    eng.discover(X)
+    assert eng.blocks is None
+    K = ntk(m, X, precision="fp64", max_memory=1 << 16, progress=False)
+    assert rel(K, reference_gram(m, X)[:, :, 0, 0]) <= 1e-10
