@@ -25,15 +25,15 @@ def _out_dtype(*ts: torch.Tensor) -> torch.dtype:
 
 
 def embedding_gram_reference(
-    tok1: torch.Tensor, D1: torch.Tensor, tok2: torch.Tensor, D2: torch.Tensor
+    tok1: torch.Tensor, D1: torch.Tensor, tok2: torch.Tensor, D2: torch.Tensor, budget: int = _REFERENCE_BUDGET
 ) -> torch.Tensor:
     """Plain-torch embedding Gram, chunked over samples: tok (m, T) ints, D (m, T, d) -> (m1, m2)."""
     dt = _out_dtype(D1, D2)
     m1, T1 = tok1.shape
     m2, T2 = tok2.shape
     out = torch.zeros(m1, m2, dtype=dt, device=D1.device)
-    cj = chunk_size(m2, T1 * T2, _REFERENCE_BUDGET)
-    ci = chunk_size(m1, cj * T1 * T2, _REFERENCE_BUDGET)
+    cj = chunk_size(m2, T1 * T2, budget)
+    ci = chunk_size(m1, cj * T1 * T2, budget)
     for j0 in range(0, m2, cj):
         t2, d2 = tok2[j0 : j0 + cj], D2[j0 : j0 + cj].to(dt)
         for i0 in range(0, m1, ci):
@@ -52,11 +52,12 @@ def embedding_gram(
     *,
     backend: str = "auto",
     fp32_precision: str = "ieee",
+    budget: int | None = None,
 ) -> torch.Tensor:
     """Gram of per-sample embedding-weight gradients: tok (m, T) integer ids, D (m, T, d) output-gradients.
 
     Returns float32 (m1, m2) (float64 for float64 D). tok2, D2 omitted: one sample set, exactly symmetric.
-    Token ids need not be in any range (they are only compared). backend as in :func:`ghost_gram`.
+    Token ids need not be in any range (they are only compared). backend, budget as in :func:`ghost_gram`.
     """
     if (tok2 is None) != (D2 is None):
         raise ValueError("give both tok2 and D2, or neither")
@@ -72,17 +73,18 @@ def embedding_gram(
     dtype = torch.promote_types(D1.dtype, D2.dtype)
     path = resolve_backend(backend, D1.device, dtype)
     if path == "torch":
-        out = embedding_gram_reference(tok1, D1, tok2, D2)
+        out = embedding_gram_reference(tok1, D1, tok2, D2, **({"budget": budget} if budget else {}))
         return mirror_upper(out) if same else out
     if path == "blocked":
-        return blocked_gram(tok1, D1.to(dtype), tok2, D2.to(dtype), same=same)
+        kw = {"budget": budget} if budget else {}
+        return blocked_gram(tok1, D1.to(dtype), tok2, D2.to(dtype), same=same, **kw)
     if min(tok1.numel(), tok2.numel(), D1.shape[2]) == 0:
         return torch.zeros(tok1.shape[0], tok2.shape[0], dtype=torch.float32, device=D1.device)
     return _ghost_gram_triton(tok1, D1.to(dtype), tok2, D2.to(dtype), same, fp32_precision)
 
 
 def embedding_linear_cross(
-    tok1: torch.Tensor, D1: torch.Tensor, X2: torch.Tensor, D2: torch.Tensor
+    tok1: torch.Tensor, D1: torch.Tensor, X2: torch.Tensor, D2: torch.Tensor, budget: int = _REFERENCE_BUDGET
 ) -> torch.Tensor:
     """Cross Gram of an embedding (tok1 (m1, T1), D1 (m1, T1, d)) and a Linear sharing its (V, d) weight.
 
@@ -102,8 +104,8 @@ def embedding_linear_cross(
     m1, T1 = tok1.shape
     m2, T2, _ = X2.shape
     out = torch.zeros(m1, m2, dtype=dt, device=D1.device)
-    cj = chunk_size(m2, T1 * T2, _REFERENCE_BUDGET)
-    ci = chunk_size(m1, cj * T1 * T2, _REFERENCE_BUDGET)
+    cj = chunk_size(m2, T1 * T2, budget)
+    ci = chunk_size(m1, cj * T1 * T2, budget)
     for j0 in range(0, m2, cj):
         x2, d2 = X2[j0 : j0 + cj].to(dt), D2[j0 : j0 + cj]
         for i0 in range(0, m1, ci):

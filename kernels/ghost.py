@@ -41,6 +41,7 @@ def ghost_gram_reference(
     D2: torch.Tensor,
     *,
     compute_dtype: torch.dtype | None = None,
+    budget: int = _REFERENCE_BUDGET,
 ) -> torch.Tensor:
     """Plain-torch ghost Gram, chunked over samples so intermediates stay below ~2^25 elements.
 
@@ -52,8 +53,8 @@ def ghost_gram_reference(
     m1, T1, _ = X1.shape
     m2, T2, _ = X2.shape
     out = torch.zeros(m1, m2, dtype=dt, device=X1.device)
-    cj = chunk_size(m2, T1 * T2, _REFERENCE_BUDGET)
-    ci = chunk_size(m1, cj * T1 * T2, _REFERENCE_BUDGET)
+    cj = chunk_size(m2, T1 * T2, budget)
+    ci = chunk_size(m1, cj * T1 * T2, budget)
     for j0 in range(0, m2, cj):
         x2, d2 = X2[j0 : j0 + cj].to(dt), D2[j0 : j0 + cj].to(dt)
         for i0 in range(0, m1, ci):
@@ -216,6 +217,7 @@ def ghost_gram(
     same: bool = False,
     backend: str = "auto",
     fp32_precision: str = "ieee",
+    budget: int | None = None,
 ) -> torch.Tensor:
     """Gram <G1_i, G2_j>_F of per-sample linear-layer weight gradients G = D^T X, without forming G.
 
@@ -226,7 +228,8 @@ def ghost_gram(
     same=True (or X2, D2 omitted, or X2 is X1 and D2 is D1): one sample set; only the upper triangle is
     computed and the result is exactly symmetric.
     backend: "auto" (Triton on CUDA, or on CPU when TRITON_INTERPRET=1; torch otherwise), "triton",
-    "torch", or "blocked" (cuBLAS token-pair tiles: kernels/blocked.py).
+    "torch", or "blocked" (cuBLAS token-pair tiles: kernels/blocked.py). budget: elements of each
+    intermediate of the torch and blocked paths (default: theirs).
     fp32_precision: tl.dot precision for float32 inputs, one of "ieee", "tf32x3", "tf32".
     """
     if (X2 is None) != (D2 is None):
@@ -244,11 +247,12 @@ def ghost_gram(
     dtype = common_float_dtype(X1=X1, D1=D1, X2=X2, D2=D2)
     path = resolve_backend(backend, X1.device, dtype)
     if path == "torch":
-        out = ghost_gram_reference(X1, D1, X2, D2)
+        out = ghost_gram_reference(X1, D1, X2, D2, **({"budget": budget} if budget else {}))
         return mirror_upper(out) if same else out
     if path == "blocked":
         X1, D1, X2, D2 = (t.to(dtype) for t in (X1, D1, X2, D2))
-        return blocked_gram(X1, D1, X1, D1, same=True) if same else blocked_gram(X1, D1, X2, D2)
+        kw = {"budget": budget} if budget else {}
+        return blocked_gram(X1, D1, X1, D1, same=True, **kw) if same else blocked_gram(X1, D1, X2, D2, **kw)
     if min(X1.shape[0], X2.shape[0], X1.shape[1], X2.shape[1], X1.shape[2], D1.shape[2]) == 0:
         return torch.zeros(X1.shape[0], X2.shape[0], dtype=torch.float32, device=X1.device)
     X1, D1, X2, D2 = (t.to(dtype) for t in (X1, D1, X2, D2))

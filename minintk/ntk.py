@@ -40,6 +40,10 @@ Inputs = torch.Tensor | Mapping[str, torch.Tensor]
 # token-pair tiles); benchmarks/kernels_check.py and ntk_throughput.py --ghost-backend measure both.
 CUDA_GHOST_BACKEND = "blocked"
 
+# The autograd graph's saved tensors, measured per sample by the probe, times this: the backward pass's own
+# buffers (activation gradients, autocast copies) are not saved tensors. 1.3B bf16 peaked 1.15x over budget at 1.0.
+GRAPH_MARGIN = 1.5
+
 # Discovered layer uses per model (weakly keyed: a model's entry goes with the model).
 _DISCOVERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -362,6 +366,7 @@ class Plan:
     bytes_boundary_cache: int = 0
     graph_budget: int = 0
     passes: float = 0.0
+    workspace: int = 0  # bytes for the contraction kernels' intermediates
 
     def __str__(self) -> str:
         tiles = math.ceil(self.n / self.block) * math.ceil(self.n2 / self.block)
@@ -421,6 +426,7 @@ class _Engine:
         self.cap_dtype = {"fp64": torch.float64, "bf16": torch.bfloat16}.get(precision, torch.float32)
         self.stats: dict | None = None
         self.blocks: list[nn.Module] | None = None
+        self.kernel_budget = 1 << 28  # elements per contraction intermediate (the plan's workspace sets it)
 
     def _tick(self, phase: str, t0: float) -> float:
         """Add the seconds since t0 to stats[phase] (synchronizing the GPU so that they are real)."""
@@ -700,7 +706,7 @@ class _Engine:
 
     def _run_graph(self, run: tuple[int, int]) -> float:
         """Autograd-graph bytes per sample of a run of segments."""
-        return max(sum(self.seg_graph[run[0] : run[1] + 1]), 1.0)
+        return max(GRAPH_MARGIN * sum(self.seg_graph[run[0] : run[1] + 1]), 1.0)
 
     def boundary_grads(self, X, n: int, E: list[int], chunk: int) -> dict[int, torch.Tensor]:
         """dF_c/dh_e at block boundaries e (the input of block e; e = L the last block's output) for the n
@@ -852,8 +858,9 @@ class _Engine:
         use_ghost = self.strategy == "ghost" or (self.strategy == "auto" and ghost < mat)
         self._count("ghost" if use_ghost else "materialized")
         if use_ghost:
-            return ghost_gram(b1, a1, b2, a2, backend=self.backend)
-        return materialized_gram(b1, a1, b1, a1, same=True) if same else materialized_gram(b1, a1, b2, a2)
+            return ghost_gram(b1, a1, b2, a2, backend=self.backend, budget=self.kernel_budget)
+        kw = {"budget": self.kernel_budget}
+        return materialized_gram(b1, a1, b1, a1, same=True, **kw) if same else materialized_gram(b1, a1, b2, a2, **kw)
 
     def contract(self, uses, cI: Capture, cJ: Capture, same: bool) -> torch.Tensor:
         """sum over parameters of <G_i, G_j> for the uses of one layer group: (mI C, mJ C) fp64."""
@@ -892,13 +899,15 @@ class _Engine:
         lu, lv = u.label, v.label
         if u.kind == _EMBED and v.kind == _EMBED:
             self._count("embedding")
-            return embedding_gram(cI.tok[lu], cI.B[lu], cJ.tok[lv], cJ.B[lv], backend=self.backend)
+            return embedding_gram(
+                cI.tok[lu], cI.B[lu], cJ.tok[lv], cJ.B[lv], backend=self.backend, budget=self.kernel_budget
+            )
         if u.kind == _EMBED or v.kind == _EMBED:
             self._count("tied-cross")
         if u.kind == _EMBED:
-            return embedding_linear_cross(cI.tok[lu], cI.B[lu], cJ.B[lv], cJ.A[lv])
+            return embedding_linear_cross(cI.tok[lu], cI.B[lu], cJ.B[lv], cJ.A[lv], budget=self.kernel_budget)
         if v.kind == _EMBED:
-            return embedding_linear_cross(cJ.tok[lv], cJ.B[lv], cI.B[lu], cI.A[lu]).T
+            return embedding_linear_cross(cJ.tok[lv], cJ.B[lv], cI.B[lu], cI.A[lu], budget=self.kernel_budget).T
         return self._dense_pair(cI.A[lu], cI.B[lu], cJ.A[lv], cJ.B[lv], same)
 
     # ---- torch.func per-sample gradients (fallback parameters, and the `func` reference)
@@ -958,7 +967,7 @@ def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_siz
     clusters = [c for c in clusters if c]
     per_sample = [sum(u.bytes_per_sample(elem, C) for u in c) for c in clusters]
     total = sum(per_sample)
-    graph = max(eng.graph_bytes_per_sample, 1.0)
+    graph = max(GRAPH_MARGIN * eng.graph_bytes_per_sample, 1.0)
     P = sum(p.numel() for _, p in eng.selected)
     T = max((u.T for u in eng.uses), default=1)
     nmax = max(n, n2)
@@ -966,11 +975,13 @@ def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_siz
     L = len(eng.blocks or [])
     flops = sum(eng.seg_flops) if eng.blocks else 0.0
     workspace = min(3 << 30, 0.1 * budget)  # materialized slices, blocked token-pair tiles (kernels' budgets)
+    modes = [False, True] if eng.blocks and flops > 0 else [False]
+    whole: set[bool] = set()  # modes in which a single sample tile fits
     best = None
     for G in range(1, len(clusters) + 1):
         groups = _split(clusters, per_sample, G)
         cap = max(sum(u.bytes_per_sample(elem, C) for u in g) for g in groups)
-        for segmented in ([False, True] if eng.blocks and flops > 0 else [False]):
+        for segmented in modes:
             if segmented:  # one full pass caches boundary gradients; then each run recomputes its own blocks
                 runs = [r for g in groups for r, _ in eng._runs(g)]
                 E = tuple(sorted({s1 for _, s1 in runs if s1 <= L}))
@@ -987,7 +998,7 @@ def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_siz
             B = nmax if block_size is None else min(block_size, nmax)
             while True:
                 R = math.ceil(nmax / B)
-                held = cap * B * (1 if R == 1 else 2) + workspace
+                held = cap * B * (1 if R == 1 and symmetric else 2) + workspace
                 free = 0.75 * budget - held - cache
                 if segmented:
                     chunk = int(free // run_graph)
@@ -1005,6 +1016,10 @@ def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_siz
             passes = captures * B / nmax * work + (n_all / nmax if segmented else 0.0)
             if best is None or passes < best[0] - 1e-9:
                 best = (passes, groups, B, chunk, held, segmented, E, cache, free, run_graph)
+            if R == 1:
+                whole.add(segmented)
+        if len(whole) == len(modes):  # one sample tile fits in every mode: more groups only add passes
+            break
     if best is None:
         raise NTKError(
             f"even one sample's captures ({total / 2**20:.1f} MiB) and graph ({graph / 2**20:.1f} MiB) exceed the "
@@ -1016,7 +1031,7 @@ def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_siz
     flops_total = 6.0 * P * nmax * T * passes + 2.0 * n * n2 * P * C * C
     return Plan(
         n, n2, C, B, groups, [nm for nm, _ in eng.fallback], int(held), int(chunk * graph), chunk, flops_total,
-        budget, segmented, E, int(cache), int(max(free, 0)), passes,
+        budget, segmented, E, int(cache), int(max(free, 0)), passes, int(workspace),
     )
 
 
@@ -1110,6 +1125,7 @@ def _layerwise(eng: _Engine, X, X2, n, n2, max_memory, block_size) -> torch.Tens
     budget = int(max_memory) if max_memory is not None else _default_budget(eng.device)
     plan = _plan(eng, n, n2, symmetric, budget, block_size)
     eng.plan = plan
+    eng.kernel_budget = max(1, int(plan.workspace // 24))  # ~3 intermediates of 8-byte elements
     C, B = eng.C, plan.block
     K = torch.zeros(n * C, n2 * C, dtype=torch.float64, device=eng.device)
     rows = [(a, min(n, a + B)) for a in range(0, n, B)]
