@@ -40,6 +40,82 @@ def _build_parser() -> argparse.ArgumentParser:
     stop.add_argument("--B", type=float, default=1.0, help="bound on ||f*||_H (the rule runs on y / B)")
     stop.add_argument("--out", default=None, help="report folder (default reports/<gram name>-stop)")
     stop.set_defaults(func=_cmd_stop)
+    tiles = sub.add_parser("ntk", help="NTK Gram into a folder of tiles: resumable, one GPU, CPU or under torchrun")
+    tiles.add_argument("model", nargs="?", help="GPT-Neo folder / .safetensors / hub id, or a built-in with random "
+                       "weights: tiny, gpt-neo-125M, gpt-neo-1.3B, gpt-neo-2.7B")
+    tiles.add_argument("data", nargs="?", help="token ids (n, T): .npy, .pt or .safetensors ('input_ids' [+ "
+                       "'attention_mask']), or random:N:T[:vocab][:seed]")
+    tiles.add_argument("--out", help="result folder: manifest.json, tiles/, gram.safetensors when complete")
+    tiles.add_argument("--labels", help="output f: logits of these token ids at the last token, e.g. 352,2089")
+    tiles.add_argument("--diff", action="store_true", help="f = logit[labels[1]] - logit[labels[0]] (n,)")
+    tiles.add_argument("--tile", type=int, default=256, help="samples per tile side")
+    tiles.add_argument("--precision", default="fp32", help="fp64 | fp32 | tf32 | bf16")
+    tiles.add_argument("--device", default=None, help="cuda (one GPU per rank under torchrun) or cpu; default cuda "
+                       "if available")
+    tiles.add_argument("--max-memory", default=None, help="bytes for one tile's working set, e.g. 40GiB")
+    tiles.add_argument("--params", default=None, help="comma-separated glob patterns of the parameters (default all)")
+    tiles.add_argument("--seed", type=int, default=0, help="seed of a built-in model's random weights")
+    tiles.add_argument("--overwrite", action="store_true", help="delete the folder's tiles of another run first")
+    tiles.add_argument("--status", metavar="OUT", help="report the progress of the folder OUT and exit")
+    tiles.set_defaults(func=_cmd_ntk)
+    ws = sub.add_parser("width-scan", help="NTK theory vs width: kernel spread and drift, weight movement, "
+                        "linearization error, fitted log-log slopes (JSON + PNG + markdown, resumable)")
+    ws.add_argument("--preset", default="cpu", help="cpu (widths 32..512, a few minutes) | gpu (CUDA, widths "
+                    "256..4096 within a time budget)")
+    ws.add_argument("--widths", type=int, nargs="+", default=None, help="embedding widths d (multiples of n_head)")
+    ws.add_argument("--seeds", type=int, default=None, help="seeds per width (>= 2)")
+    ws.add_argument("--parameterization", nargs="+", default=["ntk", "standard"], help="ntk | standard")
+    ws.add_argument("--attn-scale", nargs="+", default=["1/d", "1/sqrt(d)"], help="1/d | 1/sqrt(d)")
+    ws.add_argument("--start", nargs="+", default=["random", "pretrained", "linear_head"],
+                    help="random | pretrained (on a different teacher) | linear_head (pretrained, fresh head)")
+    ws.add_argument("--product", action="store_true", help="every combination of the variant lists (default: "
+                    "one factor at a time around the first value of each)")
+    ws.add_argument("--data", default=None, help="task file instead of the teacher: .npz / .safetensors with X (n, T) "
+                    "token ids, y (n,) targets [, X_test, y_test]")
+    ws.add_argument("--lr", type=float, default=None, help="step eta per gradient-descent step (standard: eta / d)")
+    ws.add_argument("--times", type=float, nargs="+", default=None, help="checkpoints in eta t (multiples of lr)")
+    ws.add_argument("--pretrain-time", type=float, default=None, help="eta t of pretraining on the source task")
+    ws.add_argument("--n-layer", type=int, default=None, help="decoder blocks")
+    ws.add_argument("--n-train", type=int, default=None, help="training sequences of the teacher task")
+    ws.add_argument("--n-test", type=int, default=None, help="held-out sequences of the teacher task")
+    ws.add_argument("--device", default=None, help="cpu | cuda (default: the preset's)")
+    ws.add_argument("--budget", type=float, default=None, help="seconds: start no width that would end past it")
+    ws.add_argument("--out", default=None, help="report folder (default reports/width-scan-<preset>); rerunning "
+                    "into it resumes")
+    ws.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ws.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared machine, "
+                    "threads waiting on each other cost ~10x on these small matrices; raise it on a free multicore)")
+    ws.set_defaults(func=_cmd_width_scan)
+    pp = sub.add_parser("paper", help="the paper's section 7 end to end: NTK eigen-decay per task, learning curves "
+                        "with early stopping, beta vs sample efficiency, task vectors (markdown + JSON + PNG)")
+    pp.add_argument("--preset", default=None, help="quick (CPU, ~3 min) | default (CPU, < 30 min) | gpu "
+                    "(default: gpu with --device cuda, else default)")
+    pp.add_argument("--model", default=None, help="GPT-Neo folder / .safetensors, or random:125M (GPT-Neo's init); "
+                    "default: a small decoder pretrained here on the packaged King James Bible (cached)")
+    pp.add_argument("--device", default="cpu", help="cpu | cuda")
+    pp.add_argument("--tasks", nargs="+", default=None, help="offline: vader vader-agreed afinn vader-sign "
+                    "vader-agreed-sign afinn-sign; online (datasets): stsb sts12 semrel rte mrpc cr amazon")
+    pp.add_argument("--sizes", type=int, nargs="+", default=None, help="training sizes of the learning curves")
+    pp.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds of the learning curves")
+    pp.add_argument("--tv-size", type=int, default=None, help="training size of the task-vector models (one of "
+                    "--sizes)")
+    pp.add_argument("--pretrain-steps", type=int, default=None, help="LM pretraining steps on the packaged text "
+                    "(default: the preset's for the small decoder, 0 for --model)")
+    pp.add_argument("--kernel-samples", type=int, default=None, help="inputs per task in the NTK Gram (paper: 100)")
+    pp.add_argument("--kernel-draws", type=int, default=None, help="independent draws of those inputs")
+    pp.add_argument("--no-tangent", action="store_true", help="skip linearized fine-tuning in the task vectors")
+    pp.add_argument("--budget-min", type=float, default=None, help="minutes: skip remaining learning-curve runs "
+                    "when past 3/4 of it (0: no budget)")
+    pp.add_argument("--threads", type=int, default=None, help="CPU threads (default: the idle cores)")
+    pp.add_argument("--data-dir", default=None, help="folder with vader_lexicon.txt, AFINN-en-165.txt, kjv.jsonl "
+                    "(default: $MININTK_DATA, else the installed packages)")
+    pp.add_argument("--cache-dir", default=None, help="cache of pretrained models (default ~/.cache/minintk)")
+    pp.add_argument("--out", default=None, help="report folder (default reports/paper-<preset>)")
+    pp.add_argument("--export-data", default=None, metavar="DIR", help="copy the offline data files into DIR "
+                    "(for --data-dir on a machine without the packages) and exit")
+    pp.add_argument("--render", default=None, metavar="DIR", help="re-render report.md and figures of DIR from its "
+                    "results.json and exit")
+    pp.set_defaults(func=_cmd_paper)
     return p
 
 
@@ -270,6 +346,104 @@ def _cmd_stop(args: argparse.Namespace) -> int:
               "train_mse_at_T_hat": train_mse, "floor": spec.floor, "n_above_floor": spec.n_above_floor}
     plot_stopping(spec.mu, sigma, args.alpha, out / "stop.png", B=args.B)
     _report(out, "stop", f"minintk stop: {args.gram}", rows, record)
+    return 0
+
+
+def _cmd_ntk(args: argparse.Namespace) -> int:
+    from .config import ConfigError
+    from .distributed import TileRunError, format_status, launch, status
+    from .gptneo import CheckpointError
+    from .model import ModelInputError
+    from .ntk import NTKError
+
+    try:
+        if args.status:
+            print(f"minintk ntk --status\n{format_status(status(args.status))}")
+            return 0
+        if not (args.model and args.data and args.out):
+            raise TileRunError("give MODEL DATA --out FOLDER to compute a Gram, or --status FOLDER to report one")
+        report = launch(args.model, args.data, args.out, labels=args.labels or [], diff=args.diff, tile=args.tile,
+                        precision=args.precision, device=args.device, max_memory=args.max_memory, seed=args.seed,
+                        params=args.params, overwrite=args.overwrite)
+    except (TileRunError, NTKError, CheckpointError, ConfigError, ModelInputError) as e:
+        return _fail("ntk", e)
+    if report is not None:  # rank 0
+        print(f"minintk ntk: {args.model} on {args.data}\n{format_status(report)}")
+    return 0
+
+
+def _cmd_width_scan(args: argparse.Namespace) -> int:
+    import torch
+
+    from .width import WidthScanError, preset, run_scan, star
+    from .width_report import slope_table
+
+    if args.threads < 1:
+        return _fail("width-scan", ValueError(f"--threads must be >= 1, got {args.threads}"))
+    torch.set_num_threads(args.threads)
+    try:
+        variants = star(args.parameterization, args.attn_scale, args.start, product=args.product)
+        cfg = preset(args.preset, widths=args.widths and tuple(args.widths), seeds=args.seeds, variants=variants,
+                     data=args.data, lr=args.lr, times=args.times and tuple(args.times),
+                     pretrain_time=args.pretrain_time, n_layer=args.n_layer, n_train=args.n_train,
+                     n_test=args.n_test, device=args.device, budget_s=args.budget)
+        out = Path(args.out) if args.out else Path("reports") / f"width-scan-{args.preset}"
+        summary = run_scan(cfg, out, progress=not args.no_progress)
+    except WidthScanError as e:
+        return _fail("width-scan", e)
+    print(f"minintk width-scan ({args.preset}): slopes of log(metric) vs log(width), {cfg.level:.0%} intervals")
+    print(slope_table(summary))
+    if summary["failed"]:
+        print(f"  {len(summary['failed'])} failed runs: see summary.md")
+    if summary["stopped"]:
+        print(f"  stopped early: {summary['stopped']}")
+    print(f"  wrote {out / 'summary.md'}, summary.json, runs.json and PNGs")
+    return 0
+
+
+def _cmd_paper(args: argparse.Namespace) -> int:
+    from .data import DataError, export_offline_data
+    from .finetune import FinetuneError
+    from .gptneo import CheckpointError
+    from .paper import PaperError, config, run
+    from .paper_report import headline, render
+    from .task_vectors import TaskVectorError
+
+    try:
+        if args.export_data:
+            print(f"minintk paper: offline data copied to {export_offline_data(args.export_data)}")
+            return 0
+        if args.render:
+            print(f"minintk paper: wrote {render(args.render)}")
+            return 0
+        preset = args.preset or ("gpu" if args.device.startswith("cuda") else "default")
+        pretrain = args.pretrain_steps
+        if pretrain is None and args.model is not None:
+            pretrain = 0
+        budget = None if args.budget_min is None else (None if args.budget_min <= 0 else args.budget_min)
+        cfg = config(preset, model=args.model, device=args.device, tasks=args.tasks and tuple(args.tasks),
+                     sizes=args.sizes and tuple(args.sizes), seeds=args.seeds and tuple(args.seeds),
+                     tv_size=args.tv_size, pretrain_steps=pretrain, kernel_samples=args.kernel_samples,
+                     kernel_draws=args.kernel_draws, tangent=False if args.no_tangent else None,
+                     threads=args.threads, data_dir=args.data_dir, cache_dir=args.cache_dir)
+        if args.budget_min is not None:
+            cfg.budget_min = budget
+        out = Path(args.out) if args.out else Path("reports") / f"paper-{preset}"
+        results = run(cfg, out)
+    except (PaperError, DataError, FinetuneError, CheckpointError, TaskVectorError, FileNotFoundError) as e:
+        return _fail("paper", e)
+    h = headline(results)
+    print(f"minintk paper ({preset}): finished in {results['elapsed_s']:.0f} s; report: {out / 'report.md'}")
+    print("  eigen-decay beta: " + ", ".join(f"{t} {b:.3f}" for t, b in h["beta"].items() if b is not None))
+    rho = h["spearman_beta_vs_aulc"]
+    print("  Spearman(beta, AULC), full fine-tuning (theory: negative): "
+          + ", ".join(f"{g} {r:+.2f}" for g, r in rho.items() if r is not None))
+    for k in ("full", "tangent"):
+        if f"{k}_addition_all" in h:
+            a = h[f"{k}_addition_all"]
+            score, xi = a["mean_normalized_test"], h[f"{k}_xi_mean_at_1_1"]
+            print(f"  task addition ({k}): lambda {a['lambda']}, mean normalized test score "
+                  f"{'n/a' if score is None else f'{score:.3f}'}; mean xi(1,1) {'n/a' if xi is None else f'{xi:.3f}'}")
     return 0
 
 
