@@ -386,21 +386,29 @@ class Plan:
 
 
 @contextlib.contextmanager
-def _precision_mode(precision: str, device: torch.device):
+def _matmul_flags(precision: str):
+    """fp32 matmuls as `precision` asks (TF32 only for "tf32"), whatever the caller's global flags."""
     old = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision())
     tf32 = precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     torch.set_float32_matmul_precision("high" if tf32 else "highest")
     try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old[0], old[1]
+        torch.set_float32_matmul_precision(old[2])
+
+
+@contextlib.contextmanager
+def _precision_mode(precision: str, device: torch.device):
+    """The forward pass's mode: matmul flags, and bf16 autocast for "bf16"."""
+    with _matmul_flags(precision):
         if precision == "bf16":
             with torch.autocast(device.type, dtype=torch.bfloat16):
                 yield
         else:
             yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old[0], old[1]
-        torch.set_float32_matmul_precision(old[2])
 
 
 def _default_budget(device: torch.device) -> int:
@@ -1092,10 +1100,11 @@ def ntk(
     selected = select_params(model, params)
     eng = _Engine(model, output, selected, precision, strategy, progress, device)
     eng.stats = stats
-    if strategy in ("loop", "func"):
-        K = _reference(eng, X, X2, n, n2, strategy)
-    else:
-        K = _layerwise(eng, X, X2, n, n2, max_memory, block_size)
+    with _matmul_flags(precision):  # backward passes and contractions too, not only the forward
+        if strategy in ("loop", "func"):
+            K = _reference(eng, X, X2, n, n2, strategy)
+        else:
+            K = _layerwise(eng, X, X2, n, n2, max_memory, block_size)
     C = eng.C
     K = K.reshape(n, C, n2, C).permute(0, 2, 1, 3)
     if trace:
@@ -1246,7 +1255,8 @@ def plan(
     """The tiling plan `ntk` would use (layer groups, sample blocks, memory, flops), without the Gram."""
     device = next(model.parameters()).device
     eng = _Engine(model, output, select_params(model, params), precision, "auto", False, device)
-    eng.discover(X)
+    with _matmul_flags(precision):
+        eng.discover(X)
     n = _n(X)
     n2 = n if X2 is None else _n(X2)
     budget = max_memory if max_memory is not None else _default_budget(device)

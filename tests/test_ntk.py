@@ -383,3 +383,25 @@ def test_blocks_that_are_not_a_chain_are_not_segmented():
     assert eng.blocks is None
     K = ntk(m, X, precision="fp64", max_memory=1 << 16, progress=False)
     assert rel(K, reference_gram(m, X)[:, :, 0, 0]) <= 1e-10
+
+
+def test_global_tf32_flags_do_not_leak_into_fp32(monkeypatch):
+    """Every backward pass of an fp32 Gram runs with TF32 off, even when the caller turned it on globally (and the
+    caller's flags come back afterwards)."""
+    m = small_decoder(head="label_words", label_ids=(4, 9), label_diff=True)
+    seen = []
+    real = torch.autograd.grad
+
+    def spy(*a, **k):
+        seen.append((torch.get_float32_matmul_precision(), torch.backends.cuda.matmul.allow_tf32))
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch.autograd, "grad", spy)
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        ntk(m, torch.randint(0, 37, (5, 8)), progress=False)
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(old)
+    assert seen and all(s == ("highest", False) for s in seen), seen
