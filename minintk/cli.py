@@ -90,6 +90,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         "with early stopping, beta vs sample efficiency, task vectors (markdown + JSON + PNG)")
     pp.add_argument("--preset", default=None, help="quick (CPU, ~3 min) | default (CPU, < 30 min) | gpu "
                     "(default: gpu with --device cuda, else default)")
+    pp.add_argument("--quick", action="store_const", const="quick", dest="preset", help="same as --preset quick")
     pp.add_argument("--model", default=None, help="GPT-Neo folder / .safetensors, or random:125M (GPT-Neo's init); "
                     "default: a small decoder pretrained here on the packaged King James Bible (cached)")
     pp.add_argument("--device", default="cpu", help="cpu | cuda")

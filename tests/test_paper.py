@@ -1,0 +1,65 @@
+"""The paper pipeline (minintk.paper, `minintk paper`) end to end at toy size, on data files the test writes."""
+
+import json
+
+import pytest
+from test_data import write_offline
+
+from minintk import paper
+from minintk.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+
+def toy_config(tmp_path, **kw):
+    data = write_offline(tmp_path / "data", n_extra=120)
+    base = dict(tasks=("vader", "afinn-sign", "vader-sign"), data_dir=str(data), cache_dir=str(tmp_path / "cache"),
+                d_model=16, n_layer=1, n_head=2, vocab_size=300, pretrain_steps=4, pretrain_batch=4, pretrain_seq=16,
+                kernel_samples=12, kernel_draws=2, n_val=10, n_test=20, max_len=16, sizes=(10, 30), seeds=(0, 1),
+                lr={"full": 1e-2, "tangent": 1e-2, "probe": 1e-1}, batch_size=8, max_steps=10, eval_every=5,
+                patience=2, tv_size=30, tangent=True, xi_alphas=(0.0, 1.0), xi_samples=10,
+                budget_min=None, threads=1)
+    return paper.config("default", **(base | kw))
+
+
+def test_the_pipeline_writes_every_part_of_the_report(tmp_path):
+    out = tmp_path / "report"
+    res = paper.run(toy_config(tmp_path), out)
+    assert res["finished"] and set(res["phases"]) == {"setup", "kernels", "curves", "vectors"}
+    assert set(res["kernels"]) == {"vader", "afinn-sign", "vader-sign"}
+    assert all(len(k["draws"]) == 2 for k in res["kernels"].values())
+    assert len(res["curves"]) == 3 * 2 * 2 * 2  # tasks x sizes x seeds x methods
+    run0 = res["curves"][0]
+    assert {"test", "val", "train", "best_step", "stop_step", "curve"} <= set(run0)
+    assert len(run0["curve"]["step"]) == len(run0["curve"]["test_loss"]) >= 2
+    corr = res["efficiency"]["correlation"]["full"]["all"]
+    assert corr["tasks"] == ["vader", "afinn-sign", "vader-sign"] and "beta_vs_aulc" in corr
+    for variant in ("full", "tangent"):
+        v = res["vectors"][variant]
+        assert len(v["cosine"]) == 3 and len(v["addition_pairs"]) == 3 and set(v["negation"]) == set(v["tasks"])
+        assert v["addition_all"]["lambda"] in paper.PaperConfig().tv_grid
+        assert len(v["xi"]["grid"]["xi"]) == 2 and len(v["xi"]["pairs_at_1_1"]) == 3
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["finished"] and saved["model"]["pretrain"]["tokens_seen"] == 4 * 4 * 16
+    text = (out / "report.md").read_text()
+    for section in ("## 1. Eigen-decay", "## 2. Learning curves", "## 3. Does beta predict", "## 4. Task vectors"):
+        assert section in text, section
+    for png in ("decay.png", "learning_curves.png", "decay_vs_efficiency.png", "task_vectors.png",
+                "disentanglement.png", "training_curves.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+    cached = next((tmp_path / "cache" / "paper").iterdir())
+    assert {"model.safetensors", "config.json", "tokenizer.json", "pretrain.json"} <= {p.name for p in cached.iterdir()}
+
+
+def test_cli_renders_exports_and_explains_errors(tmp_path, capsys, monkeypatch):
+    data = write_offline(tmp_path / "data", n_extra=10)
+    assert main(["paper", "--tasks", "sst5", "--data-dir", str(data), "--out", str(tmp_path / "x")]) == 2
+    assert "unknown tasks ['sst5']" in capsys.readouterr().err
+    assert main(["paper", "--tv-size", "7", "--data-dir", str(data), "--out", str(tmp_path / "x")]) == 2
+    assert "tv_size=7 must be one of the sizes" in capsys.readouterr().err
+    assert main(["paper", "--render", str(tmp_path / "nothing")]) == 2
+    from minintk import data as D
+
+    monkeypatch.setattr(D, "_package_file", lambda name: data / name)
+    assert main(["paper", "--export-data", str(tmp_path / "copy")]) == 0
+    assert (tmp_path / "copy" / "kjv.jsonl").read_text() == (data / "kjv.jsonl").read_text()
