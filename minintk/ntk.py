@@ -402,13 +402,12 @@ def _matmul_flags(precision: str):
 
 @contextlib.contextmanager
 def _precision_mode(precision: str, device: torch.device):
-    """The forward pass's mode: matmul flags, and bf16 autocast for "bf16"."""
-    with _matmul_flags(precision):
-        if precision == "bf16":
-            with torch.autocast(device.type, dtype=torch.bfloat16):
-                yield
-        else:
+    """The forward pass's mode on top of _matmul_flags (which ntk and plan hold throughout): bf16 autocast."""
+    if precision == "bf16":
+        with torch.autocast(device.type, dtype=torch.bfloat16):
             yield
+    else:
+        yield
 
 
 def _default_budget(device: torch.device) -> int:

@@ -18,6 +18,16 @@ settings.load_profile("ci")
 
 
 @pytest.fixture
+def one_thread():
+    """One intra-op torch thread: on a small shared CPU, threads that spin-wait for each other run ~10x slower on
+    the tiny matrices of these tests. Modules opt in with pytestmark = pytest.mark.usefixtures("one_thread")."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_gpt_neo(tmp_path):
     """A random-init transformers GPTNeoForCausalLM saved with save_pretrained: a faithful GPT-Neo checkpoint."""
     return make_gpt_neo_checkpoint(tmp_path / "neo")

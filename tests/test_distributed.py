@@ -59,17 +59,13 @@ def _sidecars(out: Path) -> dict[str, dict]:
     return found
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 def _gram(out: Path) -> torch.Tensor:
     return load_file(out / "gram.safetensors")["K"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, two threads that spin-wait for each other run 10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

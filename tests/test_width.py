@@ -19,20 +19,16 @@ from minintk.linearize import compare
 from minintk.width import ScanConfig, Slope, Variant, WidthScanError
 
 # torch's forward-mode AD loads its jvp decompositions through torch.jit.script, which warns on torch >= 2.9
-pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 PNG = b"\x89PNG\r\n\x1a\n"
 NTK_RANDOM = Variant("ntk", "1/d", "random")
 TINY = dict(n_layer=1, n_head=2, vocab_size=8, seq_len=3, n_train=4, n_test=4, teacher_width=4, times=(0.5,),
             pretrain_time=0.5, seeds=2, widths=(8, 16))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These matrices are tiny: on a busy 2-core machine a second torch thread costs ~10x in waiting."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def gram(model, X):
