@@ -1,6 +1,7 @@
-"""Where does the NTK engine spend its time? torch.profiler over one `ntk` call on a GPT-Neo architecture.
+"""Where does the NTK engine spend its time? Phases, the model's own forward/backward as a floor, and
+torch.profiler over one `ntk` call on a GPT-Neo architecture.
 
-    python benchmarks/profile_ntk.py --size 1.3B --n 128 --precision bf16
+    python benchmarks/profile_ntk.py --size 125M --n 64 --precisions fp32 bf16
 """
 
 from __future__ import annotations
@@ -13,7 +14,18 @@ from torch.profiler import ProfilerActivity, profile
 
 from minintk import Decoder
 from minintk.config import gpt_neo_config
-from minintk.ntk import ntk
+from minintk.ntk import _matmul_flags, _precision_mode, ntk
+
+
+def best_of(fn, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t)
+    return best
 
 
 def main() -> None:
@@ -21,25 +33,55 @@ def main() -> None:
     ap.add_argument("--size", default="125M")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--T", type=int, default=128)
-    ap.add_argument("--precision", default="fp32")
-    ap.add_argument("--rows", type=int, default=30)
+    ap.add_argument("--precisions", nargs="+", default=["fp32"])
+    ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
     torch.manual_seed(0)
     cfg = gpt_neo_config(args.size, head="label_words", label_ids=(352, 2089), label_diff=True)
     with torch.device("cuda"):
         model = Decoder(cfg).eval()
     X = torch.randint(0, cfg.vocab_size, (args.n, args.T), device="cuda")
-    ntk(model, X[: min(16, args.n)], precision=args.precision, progress=False)  # warm-up: discovery, autotune
+    for prec in args.precisions:
+        profile_one(model, X, prec, args)
+
+
+def profile_one(model, X, prec: str, args) -> None:
+    params = list(model.parameters())
+    ntk(model, X, precision=prec, progress=False)  # warm-up: discovery, autotune
+
+    def fwd_bwd():
+        with _matmul_flags(prec), _precision_mode(prec, X.device):
+            f = model(X)
+        with _matmul_flags(prec):
+            torch.autograd.grad(f.sum(), params)
+
+    def fwd():
+        with torch.no_grad(), _matmul_flags(prec), _precision_mode(prec, X.device):
+            model(X)
+
     stats: dict = {}
+    t_call = best_of(lambda: ntk(model, X, precision=prec, progress=False), args.repeats)
+    ntk(model, X, precision=prec, progress=False, stats=stats)
+    phases = {k: round(v, 4) for k, v in stats.items() if isinstance(v, float)}
+    print(f"== {args.size} n={args.n} T={args.T} {prec}: ntk {t_call:.4f} s; forward {best_of(fwd, 3):.4f} s, "
+          f"forward+backward {best_of(fwd_bwd, 3):.4f} s; phases (synchronized) {phases} forms "
+          f"{stats.get('forms')}", flush=True)
+    print(stats.get("plan"), flush=True)
+    if args.no_profile:
+        return
     torch.cuda.synchronize()
-    t = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        ntk(model, X, precision=args.precision, progress=False, stats=stats)
+        ntk(model, X, precision=prec, progress=False)
         torch.cuda.synchronize()
-    print(f"total {time.perf_counter() - t:.3f} s (profiled); phases", {k: v for k, v in stats.items() if k != "plan"})
-    print(stats.get("plan"))
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.rows))
-    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.rows))
+    ka = prof.key_averages()
+    syncs = sum(e.count for e in ka if "Synchronize" in e.key or e.key == "aten::item"
+                or e.key == "aten::_local_scalar_dense")
+    launches = sum(e.count for e in ka if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC"))
+    print(f"syncs/item calls {syncs}, kernel launches {launches}")
+    print(ka.table(sort_by="self_cpu_time_total", row_limit=args.rows), flush=True)
+    print(ka.table(sort_by="cuda_time_total", row_limit=args.rows), flush=True)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,11 @@ CUDA_GHOST_BACKEND = "blocked"
 # buffers (activation gradients, autocast copies) are not saved tensors. 1.3B bf16 peaked 1.15x over budget at 1.0.
 GRAPH_MARGIN = 1.5
 
+# Relative tolerance of the probe's checks (layer factors against autograd's gradients, segmented against full
+# passes). They catch structural misuse, whose error is O(1); rounding is ~1e-7 in fp32, ~1e-3 with TF32's
+# 10-bit operands (which also enter the backward pass), ~1e-2 in bf16.
+CHECK_TOL = {"fp64": 1e-9, "fp32": 1e-4, "tf32": 1e-2, "bf16": 5e-2}
+
 # Discovered layer uses per model (weakly keyed: a model's entry goes with the model).
 _DISCOVERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -134,7 +139,7 @@ def _check_inputs(model: nn.Module, X: Inputs, name: str) -> int:
             )
         if ids.dim() != 2:
             raise NTKError(f"{name} token ids must have shape (n, T), got {tuple(ids.shape)}")
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = torch.stack([ids.min(), ids.max()]).tolist()
         if lo < 0 or hi >= emb.num_embeddings:
             raise NTKError(f"{name} token ids must lie in [0, {emb.num_embeddings}), got min {lo}, max {hi}")
     return n
@@ -146,9 +151,13 @@ def _check_model(model: nn.Module) -> None:
             raise NTKError(f"{name or 'model'} is batch norm in training mode: samples interact; call model.eval()")
         if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
             raise NTKError(f"{name} is dropout (p={m.p}) in training mode: f is random; call model.eval()")
-    for name, p in model.named_parameters():
-        if not torch.isfinite(p).all():
-            raise NTKError(f"parameter {name} holds NaN or inf values; the NTK of such a model is undefined")
+    named = list(model.named_parameters())
+    with torch.no_grad():  # the largest |entry| of all parameters (multi-tensor kernels, one sync): NaN/inf propagate
+        if not named or math.isfinite(nn.utils.get_total_norm([p for _, p in named], math.inf).item()):
+            return
+        for name, p in named:
+            if not torch.isfinite(p).all():
+                raise NTKError(f"parameter {name} holds NaN or inf values; the NTK of such a model is undefined")
 
 
 # ----------------------------------------------------------------------------------------------- params
@@ -263,6 +272,7 @@ class _Recorder:
         self.segment_of: dict[tuple[int, int], int] = {}
         self.taps: dict[int, torch.Tensor] = {}  # block-boundary hidden states asked for by _Engine._forward
         self.events: list[tuple[str, int, torch.Tensor | None]] = []
+        self.forms: set[int | None] = set()  # probe: how the blocks return their hidden state (_out_form)
 
     def attach(self, modules: Iterable[tuple[str, nn.Module]]):
         for name, mod in modules:
@@ -331,6 +341,21 @@ def _hidden_out(out) -> torch.Tensor | None:
     return h if isinstance(h, torch.Tensor) else None
 
 
+def _out_form(out) -> int | None:
+    """How a block returns its hidden state: 0 as a tensor, k as a k-tuple (h, ...), None otherwise."""
+    if isinstance(out, torch.Tensor):
+        return 0
+    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+        return len(out)
+    return None
+
+
+def _with_hidden(form: int, h: torch.Tensor):
+    """A skipped block's output of the given form (see _out_form): h, or (h, None, ...) (transformers' blocks
+    also return attention weights, which their models read only when asked to output attentions)."""
+    return h if form == 0 else (h,) + (None,) * (form - 1)
+
+
 def _find_blocks(model: nn.Module) -> list[nn.Module] | None:
     """The model's stack of transformer blocks: its longest ModuleList of one module type holding layers."""
     best = None
@@ -363,7 +388,8 @@ class Plan:
     # group recomputed from its own blocks only (see _Engine.capture); graph_budget bytes for a run's graph.
     segmented: bool = False
     boundaries: tuple[int, ...] = ()
-    bytes_boundary_cache: int = 0
+    bytes_boundary_cache: int = 0  # the gradients, and the hidden states at `starts`
+    starts: tuple[int, ...] = ()  # boundaries whose hidden states are cached too: runs start there, no prefix
     graph_budget: int = 0
     passes: float = 0.0
     workspace: int = 0  # bytes for the contraction kernels' intermediates
@@ -372,7 +398,9 @@ class Plan:
         tiles = math.ceil(self.n / self.block) * math.ceil(self.n2 / self.block)
         seg = (
             f"segmented at {len(self.boundaries)} block boundaries "
-            f"({self.bytes_boundary_cache / 2**30:.2f} GiB cached)"
+            f"({self.bytes_boundary_cache / 2**30:.2f} GiB cached"
+            + (f", hidden states at {len(self.starts)} of them" if self.starts else "")
+            + ")"
             if self.segmented
             else "one full pass per group"
         )
@@ -433,7 +461,10 @@ class _Engine:
         self.cap_dtype = {"fp64": torch.float64, "bf16": torch.bfloat16}.get(precision, torch.float32)
         self.stats: dict | None = None
         self.blocks: list[nn.Module] | None = None
+        self.block_out_form: int | None = None
+        self.skip_prefix = False  # segmented runs may start from cached hidden states (checked by the probe)
         self.kernel_budget = 1 << 28  # elements per contraction intermediate (the plan's workspace sets it)
+        self.mat_budget = 1 << 28  # elements of per-sample gradient slices in the materialized form (likewise)
 
     def _tick(self, phase: str, t0: float) -> float:
         """Add the seconds since t0 to stats[phase] (synchronizing the GPU so that they are real)."""
@@ -460,12 +491,14 @@ class _Engine:
             seconds[self._form] = seconds.get(self._form, 0.0) + time.perf_counter() - t0
 
     # ---- forward/backward of a block, recording the given uses
-    def _forward(self, x, uses, m, probe=False, saved=None, run=None, taps=()):
+    def _forward(self, x, uses, m, probe=False, saved=None, run=None, taps=(), start=None):
         """One forward pass of a chunk of m samples, recording the layers of `uses` (every layer when probing).
 
         run=(s0, s1): a run of segments (see _Blocks): autograd records only from segment s0 on (the blocks
         before are evaluated without a graph), and the pass stops at the end of segment s1 <= L, whose hidden
-        state is left in rec.taps[s1] and f is None. taps: boundaries e whose hidden states go to rec.taps[e].
+        state is left in rec.taps[s1] and f is None. start: the hidden state (m, ...) at boundary s0 - 1 (cached
+        by boundary_grads): the blocks before it are skipped and the run starts from it. taps: boundaries e
+        whose hidden states go to rec.taps[e].
         """
         rec = _Recorder(uses, m, probe)
         mods = [(n, mod) for n, mod in self.model.named_modules() if _kind(mod) is not None]
@@ -502,17 +535,37 @@ class _Engine:
 
             return hook
 
+        def inject_in(mod, args, kwargs):
+            torch.set_grad_enabled(True)
+            if args:
+                return (start,) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": start}
+
+        def inject_out(mod, args, out):
+            torch.set_grad_enabled(True)
+            return _with_hidden(self.block_out_form, start)
+
         if probe:
             self._probe_rec = rec  # the probe's pack hook reads the running segment from it
             for k in range(L):
                 pre(k, self._probe_hook(rec, "pre", k))
                 post(k, self._probe_hook(rec, "post", k))
         grad_from_start = True
+        skipped: list[tuple[nn.Module, object]] = []
         if run is not None:
             s0, s1 = run
             if s0 > 0:
                 grad_from_start = False
-                if s0 <= L:
+                if start is not None:  # blocks before boundary s0 - 1 return their input: no prefix computed
+                    form = self.block_out_form
+                    for k in range(min(s0 - 1, L)):
+                        skipped.append((blocks[k], blocks[k].__dict__.get("forward")))
+                        blocks[k].forward = lambda *a, **kw: _with_hidden(form, _hidden_in(a, kw))
+                    if s0 <= L:
+                        pre(s0 - 1, inject_in)
+                    else:
+                        post(L - 1, inject_out)
+                elif s0 <= L:
                     pre(s0 - 1, grad_on)
                 else:
                     post(L - 1, grad_on)
@@ -537,6 +590,11 @@ class _Engine:
             rec.close()
             for h in handles:
                 h.remove()
+            for blk, fwd in skipped:
+                if fwd is None:
+                    del blk.forward
+                else:
+                    blk.forward = fwd
         if f is None:
             return rec, None
         if f.dim() not in (1, 2) or f.shape[0] != m:
@@ -546,6 +604,7 @@ class _Engine:
             )
         if not torch.isfinite(f).all():
             raise NTKError("the model's output holds NaN or inf for these inputs")
+        self.scalar_output = f.dim() == 1
         return rec, (f if f.dim() == 2 else f[:, None])
 
     @staticmethod
@@ -561,6 +620,7 @@ class _Engine:
 
             def hook(mod, args, out):
                 rec.events.append(("post", k, _hidden_out(out)))
+                rec.forms.add(_out_form(out))
                 rec.segment = k + 2
 
         return hook
@@ -582,7 +642,7 @@ class _Engine:
         return self.uses
 
     _DISCOVERED_ATTRS = ("uses", "fallback", "graph_bytes_per_sample", "C", "blocks", "seg_graph", "seg_flops",
-                         "h_bytes")
+                         "h_bytes", "h_dtype", "block_out_form", "skip_prefix", "scalar_output")
 
     def _discover(self, X):
         """Probe on the first samples: find the uses of the selected parameters, their shapes, graph memory,
@@ -643,7 +703,7 @@ class _Engine:
         for (name, p), g in zip(self.selected, grads):
             ref = torch.zeros_like(implied[id(p)]) if g is None else g.double()
             scale = ref.abs().max().item() + implied[id(p)].abs().max().item()
-            tol = {"fp64": 1e-9, "bf16": 5e-2}.get(self.precision, 1e-4) * max(scale, 1e-30)
+            tol = CHECK_TOL[self.precision] * max(scale, 1e-30)
             if (implied[id(p)] - ref).abs().max().item() > tol:
                 fallback.append(name)
         bad = {id(p) for n, p in self.selected if n in fallback}
@@ -663,7 +723,9 @@ class _Engine:
     def _check_blocks(self, rec: _Recorder, m: int) -> None:
         """Keep self.blocks only if the probe ran them once each, in order, as a chain of hidden states."""
         blocks, ev = self.blocks, rec.events
-        self.h_bytes = []
+        self.h_bytes, self.h_dtype = [], []
+        forms = rec.forms
+        self.block_out_form = next(iter(forms)) if len(forms) == 1 else None  # None: runs cannot skip blocks
         if blocks is None:
             return
         L = len(blocks)
@@ -675,30 +737,46 @@ class _Engine:
             return
         hs = [ev[2 * k][2] for k in range(L)] + [ev[-1][2]]  # boundary e: input of block e; L: the last output
         self.h_bytes = [h.numel() / m * min(h.element_size(), self.cap_dtype.itemsize) for h in hs]
+        self.h_dtype = [h.dtype for h in hs]
 
     def _check_segmented(self, x, uses: list[Use], m: int) -> bool:
-        """Segmented capture (one run per segment, from cached boundary gradients) reproduces the full pass."""
+        """Segmented capture (one run per segment, from cached boundary gradients) reproduces the full pass;
+        sets skip_prefix if it does so with runs that start from cached hidden states too."""
         rec, f = self._forward(x, uses, m)
         full = self._factors(rec, uses, f, m)
         del rec, f
         L = len(self.blocks)
         segs = sorted({u.segment for u in uses})
-        grads = self.boundary_grads(x, m, [s for s in segs if s <= L], m)
-        tol = {"fp64": 1e-9, "bf16": 5e-2}.get(self.precision, 1e-4)
-        for s in segs:
-            part = self._capture_chunks(x, 0, m, [u for u in uses if u.segment == s], m, (s, s), grads)
-            for name in ("A", "B", "tok", "vec"):
-                for key, v in getattr(part, name).items():
-                    ref = getattr(full, name)[key]
-                    if v.shape != ref.shape:
+        E, H = [s for s in segs if s <= L], [s - 1 for s in segs if s >= 1]
+        for skip in ([True, False] if self.block_out_form is not None else [False]):
+            try:
+                grads, hidden = self.boundary_grads(x, m, E, m, H if skip else ())
+                same = all(self._same_factors(full, self._capture_chunks(
+                    x, 0, m, [u for u in uses if u.segment == s], m, (s, s), grads, hidden)) for s in segs)
+            except Exception:  # a model that reads more than the hidden state of a skipped block's output
+                if not skip:
+                    raise
+                same = False
+            if same:
+                self.skip_prefix = skip
+                return True
+        return False
+
+    def _same_factors(self, full: Capture, part: Capture) -> bool:
+        """part's factors equal full's (same keys) to the precision's tolerance."""
+        tol = CHECK_TOL[self.precision]
+        for name in ("A", "B", "tok", "vec"):
+            for key, v in getattr(part, name).items():
+                ref = getattr(full, name)[key]
+                if v.shape != ref.shape:
+                    return False
+                if name == "tok":
+                    if not torch.equal(v, ref):
                         return False
-                    if name == "tok":
-                        if not torch.equal(v, ref):
-                            return False
-                        continue
-                    scale = max(ref.abs().max().item(), 1e-30)
-                    if (v.double() - ref.double()).abs().max().item() > tol * scale:
-                        return False
+                    continue
+                scale = max(ref.abs().max().item(), 1e-30)
+                if (v.double() - ref.double()).abs().max().item() > tol * scale:
+                    return False
         return True
 
     def _runs(self, uses: list[Use]) -> list[tuple[tuple[int, int], list[Use]]]:
@@ -715,30 +793,41 @@ class _Engine:
         """Autograd-graph bytes per sample of a run of segments."""
         return max(GRAPH_MARGIN * sum(self.seg_graph[run[0] : run[1] + 1]), 1.0)
 
-    def boundary_grads(self, X, n: int, E: list[int], chunk: int) -> dict[int, torch.Tensor]:
+    def boundary_grads(self, X, n: int, E, chunk: int, H=()) -> tuple[dict, dict]:
         """dF_c/dh_e at block boundaries e (the input of block e; e = L the last block's output) for the n
-        samples of X, by full forward/backward passes in chunks: {e: (n, C, *h.shape[1:])}, h's dtype."""
-        out: dict[int, torch.Tensor] = {}
-        if not E:
-            return out
+        samples of X, by full forward/backward passes in chunks: {e: (n, C, *h.shape[1:])}, h's dtype (the
+        capture dtype in 16-bit modes); and the hidden states h_e themselves at the boundaries H, likewise:
+        {e: (n, *h.shape[1:])} (in bf16 mode a run starting there sees its residual stream rounded to bf16 once
+        more, an error of the order the mode's matmuls already make)."""
+        grads: dict[int, torch.Tensor] = {}
+        hidden: dict[int, torch.Tensor] = {}
+        E, H = list(E), list(H)
+        if not E and not H:
+            return grads, hidden
         for a in range(0, n, chunk):
             b = min(n, a + chunk)
-            rec, f = self._forward(_slice(X, a, b, self.device), [], b - a, taps=E)
+            rec, f = self._forward(_slice(X, a, b, self.device), [], b - a, taps=sorted(set(E) | set(H)))
+            for e in H:
+                h = rec.taps[e]
+                if e not in hidden:
+                    dt = self.cap_dtype if self.cap_dtype.itemsize < h.dtype.itemsize else h.dtype
+                    hidden[e] = torch.empty((n, *h.shape[1:]), dtype=dt, device=h.device)
+                hidden[e][a:b] = h.detach()
             hs = [rec.taps[e] for e in E]
             live = [i for i, h in enumerate(hs) if h.requires_grad]
-            for c in range(f.shape[1]):
+            for c in range(f.shape[1] if E else 0):
                 gs = torch.autograd.grad(
                     f[:, c].sum(), [hs[i] for i in live], retain_graph=c < f.shape[1] - 1, allow_unused=True
                 )
                 for e, h in zip(E, hs):  # 16-bit modes keep them in the capture dtype (half the memory)
-                    if e not in out:
+                    if e not in grads:
                         dt = self.cap_dtype if self.cap_dtype.itemsize < h.dtype.itemsize else h.dtype
-                        out[e] = torch.zeros((n, f.shape[1], *h.shape[1:]), dtype=dt, device=h.device)
+                        grads[e] = torch.zeros((n, f.shape[1], *h.shape[1:]), dtype=dt, device=h.device)
                 for i, g in zip(live, gs):
                     if g is not None:
-                        out[E[i]][a:b, c] = g
+                        grads[E[i]][a:b, c] = g
             del rec, f, hs
-        return out
+        return grads, hidden
 
     def _weight_sum(self, u: Use, cap: Capture) -> torch.Tensor:
         """sum_i G_i of a use's weight, fp64, in the parameter's layout (a check of the capture)."""
@@ -779,7 +868,7 @@ class _Engine:
         C = len(columns)
         dt = self.cap_dtype
         for u, key, Dl in zip(uses, keys, Ds):
-            D = torch.stack([_flat(d, m) for d in Dl], 1).reshape(m * C, -1, u.d_out)  # (mC, T, d_out)
+            D = _flat(Dl[0], m) if C == 1 else torch.stack([_flat(d, m) for d in Dl], 1).reshape(m * C, -1, u.d_out)
             x = rec.inputs[key]
             if u.kind == _EMBED:
                 tok = x.reshape(m, -1)[:, None, :].expand(m, C, -1).reshape(m * C, -1)
@@ -805,13 +894,16 @@ class _Engine:
     def _vec_dtype(self):
         return torch.float64 if self.precision == "fp64" else torch.float32
 
-    def _capture_chunks(self, X, lo, hi, uses, chunk, run=None, grads=None) -> Capture:
-        """Factors of samples lo:hi for `uses`, forward/backward in chunks (of a run of segments: see _forward)."""
+    def _capture_chunks(self, X, lo, hi, uses, chunk, run=None, grads=None, hidden=None) -> Capture:
+        """Factors of samples lo:hi for `uses`, forward/backward in chunks (of a run of segments: see _forward;
+        hidden: boundary_grads' hidden states, from which the run starts when its start boundary is there)."""
         cap, C, first = Capture(), self.C, True
+        e = run[0] - 1 if run is not None else -1
         for a in range(lo, hi, chunk):
             b = min(hi, a + chunk)
             x = _slice(X, a, b, self.device)
-            rec, f = self._forward(x, uses, b - a, run=run)
+            start = hidden[e][a:b].to(self.h_dtype[e]) if hidden and e in hidden else None
+            rec, f = self._forward(x, uses, b - a, run=run, start=start)
             root = None if f is not None else (rec.taps[run[1]], grads[run[1]][a:b].to(rec.taps[run[1]].dtype))
             part = self._factors(rec, uses, f, b - a, root=root)
             del rec, f, root
@@ -828,10 +920,10 @@ class _Engine:
             del part
         return cap
 
-    def capture(self, X, lo, hi, uses, chunk, grads=None, graph_budget=0) -> Capture:
-        """Factors of samples lo:hi for `uses`, with zero time steps dropped. grads (boundary_grads of X):
-        segmented, each run of segments is recomputed alone in chunks that fit graph_budget bytes; otherwise
-        full forward/backward passes in chunks of `chunk`."""
+    def capture(self, X, lo, hi, uses, chunk, grads=None, graph_budget=0, hidden=None) -> Capture:
+        """Factors of samples lo:hi for `uses`, with zero time steps dropped. grads, hidden (boundary_grads of
+        X): segmented, each run of segments is recomputed alone (from a cached hidden state where there is one)
+        in chunks that fit graph_budget bytes; otherwise full forward/backward passes in chunks of `chunk`."""
         if grads is None:
             cap = self._capture_chunks(X, lo, hi, uses, chunk)
         else:
@@ -839,15 +931,16 @@ class _Engine:
             for run, us in self._runs(uses):
                 per = self._run_graph(run) + sum(u.bytes_per_sample(self.cap_dtype.itemsize, self.C) for u in us)
                 c = max(1, min(hi - lo, int(graph_budget // per)))
-                part = self._capture_chunks(X, lo, hi, us, c, run, grads)
+                part = self._capture_chunks(X, lo, hi, us, c, run, grads, hidden)
                 for name in ("A", "B", "tok", "vec"):
                     getattr(cap, name).update(getattr(part, name))
-        for u in uses:  # drop tokens where the output-gradient vanishes for every sample (e.g. LM logits but the last)
-            if u.weight is None or u.kind == _NORM:
-                continue
-            D = cap.B[u.label] if u.kind in (_EMBED, _CONV1D) else cap.A[u.label]
-            keep = D.abs().amax(dim=(0, 2)) > 0
-            if not bool(keep.all()):
+        # drop tokens where the output-gradient vanishes for every sample (e.g. LM logits but the last); one sync
+        mats = [u for u in uses if u.weight is not None and u.kind != _NORM]
+        keeps = [torch.linalg.vector_norm(cap.B[u.label] if u.kind in (_EMBED, _CONV1D) else cap.A[u.label],
+                                          math.inf, dim=(0, 2)) > 0 for u in mats]
+        full = torch.stack([k.all() for k in keeps]).tolist() if keeps else []
+        for u, keep, whole in zip(mats, keeps, full):
+            if not whole:
                 idx = keep.nonzero()[:, 0]
                 if u.kind == _EMBED:
                     cap.tok[u.label] = cap.tok[u.label][:, idx]
@@ -866,7 +959,7 @@ class _Engine:
         self._count("ghost" if use_ghost else "materialized")
         if use_ghost:
             return ghost_gram(b1, a1, b2, a2, backend=self.backend, budget=self.kernel_budget)
-        kw = {"budget": self.kernel_budget}
+        kw = {"budget": self.mat_budget}
         return materialized_gram(b1, a1, b1, a1, same=True, **kw) if same else materialized_gram(b1, a1, b2, a2, **kw)
 
     def contract(self, uses, cI: Capture, cJ: Capture, same: bool) -> torch.Tensor:
@@ -887,11 +980,12 @@ class _Engine:
                 if key in cI.vec:
                     p = u.bias if key[1] == "bias" else u.weight
                     vec_params.setdefault(id(p), []).append(key)
-        for keys in vec_params.values():
+        if vec_params:  # every vector parameter's per-sample gradient side by side: one matmul
             t0 = time.perf_counter()
-            self._count("vector")
-            gI = sum(cI.vec[k] for k in keys)
-            gJ = sum(cJ.vec[k] for k in keys)
+            for _ in vec_params:
+                self._count("vector")
+            gI = torch.cat([sum(cI.vec[k] for k in keys) for keys in vec_params.values()], 1)
+            gJ = gI if same else torch.cat([sum(cJ.vec[k] for k in keys) for keys in vec_params.values()], 1)
             add(gI @ gJ.T)
             self._time_form(t0)
         for us in by_param.values():
@@ -982,7 +1076,9 @@ def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_siz
     L = len(eng.blocks or [])
     flops = sum(eng.seg_flops) if eng.blocks else 0.0
     workspace = min(3 << 30, 0.1 * budget)  # materialized slices, blocked token-pair tiles (kernels' budgets)
-    modes = [False, True] if eng.blocks and flops > 0 else [False]
+    # modes: full passes per group (False), segmented runs after a forward-only prefix ("prefix"), segmented
+    # runs from cached hidden states ("skip": more cache, no prefix)
+    modes: list = [False] + (["prefix"] + (["skip"] if eng.skip_prefix else []) if eng.blocks and flops > 0 else [])
     whole: set[bool] = set()  # modes in which a single sample tile fits
     best = None
     for G in range(1, len(clusters) + 1):
@@ -992,13 +1088,15 @@ def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_siz
             if segmented:  # one full pass caches boundary gradients; then each run recomputes its own blocks
                 runs = [r for g in groups for r, _ in eng._runs(g)]
                 E = tuple(sorted({s1 for _, s1 in runs if s1 <= L}))
-                cache = n_all * C * sum(eng.h_bytes[e] for e in E)
+                S = tuple(sorted({s0 - 1 for s0, _ in runs if s0 >= 1})) if segmented == "skip" else ()
+                cache = n_all * (C * sum(eng.h_bytes[e] for e in E) + sum(eng.h_bytes[e] for e in S))
                 run_graph = max(eng._run_graph(r) for r in runs)
+                prefix = 0 if S else 1 / 3
                 work = sum(
-                    (sum(eng.seg_flops[a : b + 1]) + sum(eng.seg_flops[:a]) / 3) / flops for a, b in runs
-                )  # local forward/backward + forward-only prefix, in full passes
+                    (sum(eng.seg_flops[a : b + 1]) + prefix * sum(eng.seg_flops[:a])) / flops for a, b in runs
+                )  # local forward/backward (+ forward-only prefix), in full passes
             else:
-                E, cache, run_graph, work = (), 0, graph, float(G)
+                E, S, cache, run_graph, work = (), (), 0, graph, float(G)
             # held: captures of a row block and a column block (one when a single block covers n), the contraction
             # kernels' workspace, and a chunk's graph (with the chunk's factors before they are stored: + cap)
             run_graph += cap
@@ -1020,9 +1118,12 @@ def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_siz
             if held + cache + chunk * run_graph > budget:
                 continue
             captures = R + R * (R - 1) / 2 if symmetric else R + R * R
+            # the materialized form builds both blocks' per-sample gradients for every tile (2 B T P flops each,
+            # 1/3 of a pass per n samples): R^2 block formations (symmetric), 2 R^2 (cross)
+            forms = R * R * (1 if symmetric else 2) * B / nmax / 3
             passes = captures * B / nmax * work + (n_all / nmax if segmented else 0.0)
-            if best is None or passes < best[0] - 1e-9:
-                best = (passes, groups, B, chunk, held, segmented, E, cache, free, run_graph)
+            if best is None or passes + forms < best[0] - 1e-9:
+                best = (passes + forms, groups, B, chunk, held, segmented, E, cache, free, run_graph, S, passes)
             if R == 1:
                 whole.add(segmented)
         if len(whole) == len(modes):  # one sample tile fits in every mode: more groups only add passes
@@ -1032,13 +1133,14 @@ def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_siz
             f"even one sample's captures ({total / 2**20:.1f} MiB) and graph ({graph / 2**20:.1f} MiB) exceed the "
             f"memory budget {budget / 2**20:.1f} MiB; raise max_memory, pick fewer params, or use precision='bf16'"
         )
-    passes, groups, B, chunk, held, segmented, E, cache, free, run_graph = best
+    _, groups, B, chunk, held, segmented, E, cache, free, run_graph, S, passes = best
     if segmented:  # the boundary pass runs before any capture is held
         chunk = max(1, min(nmax, int((0.75 * budget - cache) // graph)))
     flops_total = 6.0 * P * nmax * T * passes + 2.0 * n * n2 * P * C * C
     return Plan(
         n, n2, C, B, groups, [nm for nm, _ in eng.fallback], int(held), int(chunk * graph), chunk, flops_total,
-        budget, segmented, E, int(cache), int(max(free, 0)), passes, int(workspace),
+        budget, segmented=bool(segmented), boundaries=E, bytes_boundary_cache=int(cache), starts=S,
+        graph_budget=int(max(free, 0)), passes=passes, workspace=int(workspace),
     )
 
 
@@ -1126,14 +1228,13 @@ def _width(model: nn.Module) -> int:
 def _layerwise(eng: _Engine, X, X2, n, n2, max_memory, block_size) -> torch.Tensor:
     start = time.perf_counter()
     eng.discover(X)
-    with torch.no_grad():
-        probe = _call(eng.model, _slice(X, 0, 1, eng.device), eng.output)
-    eng.scalar_output = probe.dim() == 1
     symmetric = X2 is None
     budget = int(max_memory) if max_memory is not None else _default_budget(eng.device)
     plan = _plan(eng, n, n2, symmetric, budget, block_size)
     eng.plan = plan
     eng.kernel_budget = max(1, int(plan.workspace // 24))  # ~3 intermediates of 8-byte elements
+    # per-sample gradient slices are in the capture dtype; half the workspace leaves room for an fp32 operand copy
+    eng.mat_budget = max(1, int(plan.workspace // (2 * eng.cap_dtype.itemsize)))
     C, B = eng.C, plan.block
     K = torch.zeros(n * C, n2 * C, dtype=torch.float64, device=eng.device)
     rows = [(a, min(n, a + B)) for a in range(0, n, B)]
@@ -1148,20 +1249,20 @@ def _layerwise(eng: _Engine, X, X2, n, n2, max_memory, block_size) -> torch.Tens
     if eng.stats is not None:
         eng.stats["plan"] = plan
     t = eng._tick("setup", start)
-    gI = gJ = None
+    gI = gJ = hI = hJ = None
     if plan.segmented:
-        gI = eng.boundary_grads(X, n, list(plan.boundaries), plan.chunk)
-        gJ = gI if symmetric else eng.boundary_grads(X2, n2, list(plan.boundaries), plan.chunk)
+        gI, hI = eng.boundary_grads(X, n, plan.boundaries, plan.chunk, plan.starts)
+        gJ, hJ = (gI, hI) if symmetric else eng.boundary_grads(X2, n2, plan.boundaries, plan.chunk, plan.starts)
         t = eng._tick("boundary", t)
     for uses in plan.groups:
         for i, (a, b) in enumerate(rows):
-            cI = eng.capture(X, a, b, uses, plan.chunk, gI, plan.graph_budget)
+            cI = eng.capture(X, a, b, uses, plan.chunk, gI, plan.graph_budget, hI)
             t = eng._tick("capture", t)
             for j, (c, d) in enumerate(cols):
                 if symmetric and j < i:
                     continue
                 same = symmetric and i == j
-                cJ = cI if same else eng.capture(XJ, c, d, uses, plan.chunk, gJ, plan.graph_budget)
+                cJ = cI if same else eng.capture(XJ, c, d, uses, plan.chunk, gJ, plan.graph_budget, hJ)
                 t = eng._tick("capture", t)
                 tile = eng.contract(uses, cI, cJ, same)
                 t = eng._tick("contract", t)

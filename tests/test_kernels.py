@@ -16,6 +16,7 @@ from minintk.kernels import (
     embedding_linear_cross,
     ghost_gram,
     ghost_gram_reference,
+    materialized,
     materialized_gram,
     materialized_gram_reference,
 )
@@ -179,6 +180,25 @@ def test_torch_paths_fp64_equal_formed_gradients(m1, m2, T1, T2, a, b, seed):
     torch.testing.assert_close(materialized_gram(X1, D1, X2, D2, budget=1), ref, rtol=1e-12, atol=1e-10)
     sym = materialized_gram(X1, D1, budget=a)
     torch.testing.assert_close(sym, materialized_gram_reference(X1, D1, X1, D1), rtol=1e-12, atol=1e-10)
+
+
+@pytest.mark.parametrize("b,rows", [(300, 100), (300, 150), (50, 20), (200, 7)])
+def test_materialized_slices_are_aligned_and_cover_every_row(monkeypatch, b, rows):
+    """Slices of >= 64 weight rows start on multiples of 64 (cuBLAS alignment), smaller ones on multiples of 8,
+    stay within the budget, and together give the unsliced Gram."""
+    X1, D1 = (t.double() for t in _factors(3, 4, 5, b, torch.float32, 11))
+    X2, D2 = (t.double() for t in _factors(2, 3, 5, b, torch.float32, 12))
+    starts = []
+    real = materialized._slice_grads
+    monkeypatch.setattr(materialized, "_slice_grads", lambda X, D, b0, b1, keep: starts.append((b0, b1)) or real(
+        X, D, b0, b1, keep))
+    got = materialized_gram(X1, D1, X2, D2, budget=rows * (3 + 2) * 5)
+    torch.testing.assert_close(got, materialized_gram_reference(X1, D1, X2, D2), rtol=1e-12, atol=1e-10)
+    starts = sorted(set(starts))  # each slice is formed for both sample sets
+    sizes = {b1 - b0 for b0, b1 in starts[:-1]}
+    assert len(sizes) <= 1 and all(s <= rows for s in sizes) and starts[-1][1] == b
+    align = 64 if rows >= 64 else 8 if rows >= 8 else 1
+    assert all(b0 % align == 0 for b0, _ in starts)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
