@@ -307,9 +307,12 @@ def markdown(res: dict, figures: list[str]) -> str:
             for t, v in tasks.items():
                 key = _metric(v["kind"])[0]
                 ns, m, s = _curve_stats(res, t, method, key)
-                cells = {n: f"{mm:.3f} ± {ss:.3f}" for n, mm, ss in zip(ns, m, s)}
+                runs = {n: sum(1 for r in res["curves"] if (r["task"], r["method"], r["n"]) == (t, method, n))
+                        for n in ns}
+                cells = {n: f"{mm:.3f}" + (f" ± {ss:.3f}" if runs[n] > 1 else "") for n, mm, ss in zip(ns, m, s)}
                 rows.append([t, key] + [cells.get(n, "—") for n in sizes])
-            L += [f"**{method}** fine-tuning (mean ± sd over seeds {cfg['seeds']}):", "",
+            ran = sorted({r["seed"] for r in res["curves"] if r["method"] == method})
+            L += [f"**{method}** fine-tuning (mean ± sd over seeds {ran}; no ± where one seed ran):", "",
                   _table(["task", "metric"] + [f"n={n}" for n in sizes], rows), ""]
         L += ["![learning curves](learning_curves.png)" if "learning_curves.png" in figures else "",
               "", "![f1](f1_curves.png)" if "f1_curves.png" in figures else "", ""]
