@@ -195,6 +195,25 @@ def test_unknown_layers_fall_back_to_torch_func_with_a_warning():
     assert rel(K, R) <= 1e-10, f"fallback error {rel(K, R):.2e}"
 
 
+@pytest.mark.parametrize("precision,noise,falls_back", [("fp32", 1e-3, True), ("tf32", 1e-3, False),
+                                                       ("tf32", 0.3, True), ("bf16", 1e-2, False)])
+def test_probe_tolerates_the_rounding_of_its_precision(monkeypatch, precision, noise, falls_back):
+    """The probe compares the layers' implied gradients with autograd's: TF32's ~1e-3 rounding (which reaches
+    the backward pass on GPUs) must not send every layer to torch.func, while an O(1) mismatch still must."""
+    import warnings
+
+    from minintk import ntk as ntk_module
+
+    real = ntk_module._Engine._weight_sum
+    monkeypatch.setattr(ntk_module._Engine, "_weight_sum", lambda self, u, cap: real(self, u, cap) * (1 + noise))
+    ntk_module.clear_cache()
+    m = small_decoder(n_layer=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ntk_module.plan(m, torch.randint(0, 37, (3, 4)), precision=precision)
+    assert any("torch.func" in str(w.message) for w in caught) == falls_back
+
+
 def test_normalize_by_width():
     m = small_decoder().double()
     X = torch.randint(0, 37, (3, 4))
