@@ -120,13 +120,10 @@ def _build_parser() -> argparse.ArgumentParser:
     return p
 
 
-BUILTIN = {"tiny": "tiny", "gpt-neo-125M": "125M", "gpt-neo-1.3B": "1.3B", "gpt-neo-2.7B": "2.7B"}
-
-
 def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
-    from .config import gpt_neo_config
+    from .config import BUILTIN, gpt_neo_config
     from .gptneo import load_gpt_neo
     from .model import Decoder
 

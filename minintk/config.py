@@ -127,6 +127,10 @@ class DecoderConfig:
         return cls(**d)
 
 
+# Built-in architecture names (CLI and minintk ntk sources) -> gpt_neo_config sizes.
+BUILTIN = {"tiny": "tiny", "gpt-neo-125M": "125M", "gpt-neo-1.3B": "1.3B", "gpt-neo-2.7B": "2.7B"}
+
+
 def gpt_neo_config(size: str = "125M", **overrides) -> DecoderConfig:
     """The GPT-Neo architectures ("125M", "1.3B", or "tiny" for tests) as a DecoderConfig."""
     sizes = {

@@ -595,18 +595,17 @@ def load_model(
     """A Decoder whose output is the logits of token ids `labels` at the last token (n, k), or with diff their
     difference (n,): a built-in architecture ("tiny", "gpt-neo-125M", "gpt-neo-1.3B", "gpt-neo-2.7B") with random
     weights drawn on `device` from `seed`, or a GPT-Neo folder / .safetensors / hub id (load_gpt_neo)."""
-    from .config import gpt_neo_config
+    from .config import BUILTIN, gpt_neo_config
     from .gptneo import load_gpt_neo
     from .model import Decoder
 
     head = {"head": "label_words", "label_ids": tuple(int(i) for i in labels), "label_diff": diff}
     if not head["label_ids"]:
         raise TileRunError("the NTK needs a per-sample output: give label token ids, e.g. --labels 352,2089 --diff")
-    builtin = (source == "tiny" or source.startswith("gpt-neo-")) and not Path(source).exists()
-    if builtin:
+    if source in BUILTIN and not Path(source).exists():
         torch.manual_seed(seed)
         with torch.device(device):
-            model = Decoder(gpt_neo_config(source.removeprefix("gpt-neo-"), **head))
+            model = Decoder(gpt_neo_config(BUILTIN[source], **head))
     else:
         model = load_gpt_neo(source, **head).to(device)
     return model.to(dtype).eval()

@@ -134,7 +134,7 @@ def fit_power_law(
         raise SpectrumError(f"level must be in (0, 1), got {level}")
     x = np.log(np.arange(first, last + 1, dtype=np.float64))
     z = np.log(m[first - 1 : last])
-    slope, intercept, se, r2 = _ols(x, z)
+    slope, intercept, se, r2 = ols(x, z)
     from scipy.stats import t as student_t
 
     q = float(student_t.ppf(0.5 + level / 2, df=max(x.size - 2, 1)))
@@ -143,7 +143,7 @@ def fit_power_law(
     if bootstrap > 0:
         rng = np.random.default_rng(seed)
         idx = rng.integers(0, x.size, size=(int(bootstrap), x.size))
-        betas = np.array([-_ols(x[i], z[i])[0] for i in idx if np.ptp(x[i]) > 0])
+        betas = np.array([-ols(x[i], z[i])[0] for i in idx if np.ptp(x[i]) > 0])
         lo, hi = np.quantile(betas, [0.5 - level / 2, 0.5 + level / 2])
         boot = (float(lo), float(hi))
     return PowerLawFit(
@@ -152,8 +152,8 @@ def fit_power_law(
     )
 
 
-def _ols(x: np.ndarray, z: np.ndarray) -> tuple[float, float, float, float]:
-    """z = a + b x by least squares -> (b, a, standard error of b, r^2)."""
+def ols(x: np.ndarray, z: np.ndarray) -> tuple[float, float, float, float]:
+    """z = a + b x by least squares, x and z (k,) -> (b, a, standard error of b, r^2)."""
     xm, zm = x.mean(), z.mean()
     sxx = float(((x - xm) ** 2).sum())
     b = float(((x - xm) * (z - zm)).sum()) / sxx

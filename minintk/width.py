@@ -40,7 +40,7 @@ from .dynamics import gradient_descent_mse
 from .linearize import train
 from .model import Decoder
 from .ntk import ntk
-from .spectrum import _ols
+from .spectrum import ols
 
 STARTS = ("random", "pretrained", "linear_head")
 METRICS = {  # name: (short label, definition, theory's slope against width; THEORY.md section 6)
@@ -524,7 +524,7 @@ def fit_slope(widths, values, level: float = 0.95) -> Slope | None:
     w, v = w[ok], v[ok]
     if w.size < 3 or np.unique(w).size < 2:
         return None
-    b, a, se, r2 = _ols(np.log(w), np.log(v))
+    b, a, se, r2 = ols(np.log(w), np.log(v))
     q = float(student_t.ppf(0.5 + level / 2, df=w.size - 2))
     return Slope(b, (b - q * se, b + q * se), se, a, r2, int(w.size), level)
 
