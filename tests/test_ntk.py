@@ -400,6 +400,26 @@ def test_transformers_blocks_are_segments(tmp_path):
     assert rel(K, R[:, :, 0, 0] if R.dim() == 4 else R) <= 1e-10
 
 
+@pytest.mark.parametrize("kind", ["decoder", "transformers"])
+def test_segmented_runs_from_cached_hidden_states_with_padding_masks(tmp_path, kind):
+    """Runs that start from cached hidden states keep the keyword/positional masks the model passes its blocks."""
+    from conftest import make_gpt_neo_checkpoint
+
+    torch.manual_seed(0)
+    mask = torch.ones(12, 10, dtype=torch.long)
+    mask[:4, :3] = 0
+    if kind == "transformers":
+        m = make_gpt_neo_checkpoint(tmp_path, vocab=41, positions=10, d=16, layers=4, heads=2, window=3)[1].double()
+        out, X = label_words([7, 11], diff=True), {"input_ids": torch.randint(0, 41, (12, 10)), "attention_mask": mask}
+    else:
+        m = small_decoder(n_layer=4, head="label_words", label_ids=(4, 9), label_diff=True, n_positions=16).double()
+        out, X = None, {"idx": torch.randint(0, 37, (12, 10)), "attention_mask": mask}
+    budget, p = _segmented_budget(m, X, output=out, precision="fp64")
+    assert p is not None and p.starts
+    K = ntk(m, X, output=out, precision="fp64", max_memory=budget, progress=False)
+    assert rel(K, ntk(m, X, output=out, precision="fp64", progress=False)) <= 1e-12
+
+
 class ParallelBlocks(nn.Module):
     """A ModuleList whose members are not a chain (all read the embedding): not segmentable."""
 
