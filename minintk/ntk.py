@@ -231,14 +231,21 @@ class Use:
     d_in: int = 0
     d_out: int = 0
     segment: int = 0  # 0 before the first block, k + 1 inside block k, L + 1 after the last (see _Blocks)
+    shares_x: str = ""  # label of an earlier use with the same input tensor (q/k/v projections): X stored once
 
     @property
     def label(self) -> str:
         return self.name if self.call == 0 else f"{self.name}#{self.call}"
 
-    def bytes_per_sample(self, elem: int, C: int) -> int:
+    def bytes_per_sample(self, elem: int, C: int, with_x: bool = True) -> int:
         x = self.T * (self.d_in if self.kind != _EMBED else 1) * (8 if self.kind == _EMBED else elem)
-        return C * (x + self.T * self.d_out * elem)
+        return C * (x * with_x + self.T * self.d_out * elem)
+
+
+def _capture_bytes(uses: list[Use], elem: int, C: int) -> int:
+    """Capture bytes per sample of a set of uses, counting an input shared by several of them once."""
+    labels = {u.label for u in uses}
+    return sum(u.bytes_per_sample(elem, C, with_x=u.shares_x not in labels) for u in uses)
 
 
 @dataclass
@@ -312,6 +319,11 @@ class _Recorder:
         for h in self.handles:
             h.remove()
         self.handles = []
+
+
+def _storage(t: torch.Tensor) -> tuple:
+    """What makes two tensors the same values: memory, layout and dtype."""
+    return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
 
 
 def _flat(t: torch.Tensor, m: int) -> torch.Tensor:
@@ -674,7 +686,7 @@ class _Engine:
             if _kind(mod) in (_LINEAR, _CONV1D):
                 key = (id(mod), k)
                 self.seg_flops[rec.segment_of[key]] += 2.0 * rec.outputs[key].numel() / m * rec.inputs[key].shape[-1]
-        uses = []
+        uses, first_x = [], {}
         for name, mod, k in rec.seen:
             kind = _kind(mod)
             w = mod.weight if getattr(mod, "weight", None) is not None and id(mod.weight) in sel else None
@@ -687,6 +699,9 @@ class _Engine:
             u.d_out = out.shape[-1]
             u.d_in = 1 if kind == _EMBED else xin.shape[-1]
             u.segment = rec.segment_of[(id(mod), k)]
+            if w is not None and kind in (_LINEAR, _CONV1D):  # layers fed the same tensor store it once
+                u.shares_x = first_x.setdefault(_storage(xin), u.label)
+                u.shares_x = "" if u.shares_x == u.label else u.shares_x
             uses.append(u)
         # Check: the per-sample gradients the layers imply sum to autograd's batch gradient; a parameter that
         # is also used outside its module (F.linear(x, mod.weight), ...) fails and falls back to torch.func.
@@ -867,6 +882,7 @@ class _Engine:
         cap = Capture()
         C = len(columns)
         dt = self.cap_dtype
+        xs: dict[tuple, torch.Tensor] = {}  # one stored copy of an input several layers read (q/k/v projections)
         for u, key, Dl in zip(uses, keys, Ds):
             D = _flat(Dl[0], m) if C == 1 else torch.stack([_flat(d, m) for d in Dl], 1).reshape(m * C, -1, u.d_out)
             x = rec.inputs[key]
@@ -881,12 +897,13 @@ class _Engine:
                 Xv = xhat[:, None].expand(m, C, *xhat.shape[1:]).reshape(m * C, *xhat.shape[1:])
                 if u.weight is not None:
                     cap.vec[(u.label, "weight")] = (D.double() * Xv.double()).sum(1).to(self._vec_dtype())
-            else:
-                Xv = X[:, None].expand(m, C, *X.shape[1:]).reshape(m * C, *X.shape[1:])
-                if u.weight is not None:
-                    # Row factor A spans the weight's first dimension: D for Linear (out, in), X for Conv1D (in, out).
-                    A, B = (D, Xv) if u.kind == _LINEAR else (Xv, D)
-                    cap.A[u.label], cap.B[u.label] = A.to(dt), B.to(dt)
+            elif u.weight is not None:
+                sig = _storage(x)
+                if sig not in xs:
+                    xs[sig] = X[:, None].expand(m, C, *X.shape[1:]).reshape(m * C, *X.shape[1:]).to(dt)
+                # Row factor A spans the weight's first dimension: D for Linear (out, in), X for Conv1D (in, out).
+                A, B = (D.to(dt), xs[sig]) if u.kind == _LINEAR else (xs[sig], D.to(dt))
+                cap.A[u.label], cap.B[u.label] = A, B
             if u.bias is not None:
                 cap.vec[(u.label, "bias")] = (u.b_mult * D.sum(1)).to(self._vec_dtype())
         return cap
@@ -911,12 +928,18 @@ class _Engine:
                 return part
             if first:  # the factors of all samples lo:hi, filled chunk by chunk (rows ordered i * C + c)
                 first = False
+                made: dict[int, torch.Tensor] = {}  # a factor shared by several uses gets one buffer
                 for name in ("A", "B", "tok", "vec"):
                     for key, v in getattr(part, name).items():
-                        getattr(cap, name)[key] = v.new_empty(((hi - lo) * C, *v.shape[1:]))
+                        if id(v) not in made:
+                            made[id(v)] = v.new_empty(((hi - lo) * C, *v.shape[1:]))
+                        getattr(cap, name)[key] = made[id(v)]
+            done: set[int] = set()
             for name in ("A", "B", "tok", "vec"):
                 for key, v in getattr(part, name).items():
-                    getattr(cap, name)[key][(a - lo) * C : (b - lo) * C] = v
+                    if id(v) not in done:
+                        done.add(id(v))
+                        getattr(cap, name)[key][(a - lo) * C : (b - lo) * C] = v
             del part
         return cap
 
@@ -929,7 +952,7 @@ class _Engine:
         else:
             cap = Capture()
             for run, us in self._runs(uses):
-                per = self._run_graph(run) + sum(u.bytes_per_sample(self.cap_dtype.itemsize, self.C) for u in us)
+                per = self._run_graph(run) + _capture_bytes(us, self.cap_dtype.itemsize, self.C)
                 c = max(1, min(hi - lo, int(graph_budget // per)))
                 part = self._capture_chunks(X, lo, hi, us, c, run, grads, hidden)
                 for name in ("A", "B", "tok", "vec"):
@@ -939,14 +962,22 @@ class _Engine:
         keeps = [torch.linalg.vector_norm(cap.B[u.label] if u.kind in (_EMBED, _CONV1D) else cap.A[u.label],
                                           math.inf, dim=(0, 2)) > 0 for u in mats]
         full = torch.stack([k.all() for k in keeps]).tolist() if keeps else []
+        sliced: dict[tuple, torch.Tensor] = {}  # a shared factor stays shared where its uses keep the same steps
+
+        def take(t: torch.Tensor, idx: torch.Tensor, steps: tuple) -> torch.Tensor:
+            if (id(t), steps) not in sliced:
+                sliced[(id(t), steps)] = t[:, idx]
+            return sliced[(id(t), steps)]
+
         for u, keep, whole in zip(mats, keeps, full):
             if not whole:
                 idx = keep.nonzero()[:, 0]
+                steps = tuple(idx.tolist())
                 if u.kind == _EMBED:
-                    cap.tok[u.label] = cap.tok[u.label][:, idx]
+                    cap.tok[u.label] = take(cap.tok[u.label], idx, steps)
                 else:
-                    cap.A[u.label] = cap.A[u.label][:, idx]
-                cap.B[u.label] = cap.B[u.label][:, idx]
+                    cap.A[u.label] = take(cap.A[u.label], idx, steps)
+                cap.B[u.label] = take(cap.B[u.label], idx, steps)
         return cap
 
     # ---- contractions
@@ -1066,7 +1097,7 @@ def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_siz
         for p in ps:
             owner[p] = tgt
     clusters = [c for c in clusters if c]
-    per_sample = [sum(u.bytes_per_sample(elem, C) for u in c) for c in clusters]
+    per_sample = [_capture_bytes(c, elem, C) for c in clusters]
     total = sum(per_sample)
     graph = max(GRAPH_MARGIN * eng.graph_bytes_per_sample, 1.0)
     P = sum(p.numel() for _, p in eng.selected)
@@ -1083,7 +1114,7 @@ def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_siz
     best = None
     for G in range(1, len(clusters) + 1):
         groups = _split(clusters, per_sample, G)
-        cap = max(sum(u.bytes_per_sample(elem, C) for u in g) for g in groups)
+        cap = max(_capture_bytes(g, elem, C) for g in groups)
         for segmented in modes:
             if segmented:  # one full pass caches boundary gradients; then each run recomputes its own blocks
                 runs = [r for g in groups for r, _ in eng._runs(g)]

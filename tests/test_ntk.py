@@ -323,8 +323,9 @@ def test_discovery_is_cached_per_model_and_cleared():
     assert not torch.equal(K2, K1)
 
 
-def _segmented_budget(model, X, X2=None, **kw):
-    """A memory budget under which the planner picks a segmented plan with several layer groups, or None."""
+def _segmented_budget(model, X, X2=None, starts=False, **kw):
+    """A memory budget under which the planner picks a segmented plan with several layer groups (whose runs
+    start from cached hidden states, with starts=True), or None."""
     from minintk.ntk import plan
 
     for k in range(40):
@@ -333,7 +334,7 @@ def _segmented_budget(model, X, X2=None, **kw):
             p = plan(model, X, X2, max_memory=budget, **kw)
         except NTKError:
             break
-        if p.segmented and len(p.groups) > 1:
+        if p.segmented and len(p.groups) > 1 and (bool(p.starts) or not starts):
             return budget, p
     return None, None
 
@@ -352,7 +353,7 @@ def test_segmented_capture_matches_torch_func(monkeypatch, cross, skip):
     m = small_decoder(n_layer=4, head="label_words", label_ids=(4, 9), label_diff=False, n_positions=16).double()
     X = torch.randint(0, 37, (16, 12))
     X2 = torch.randint(0, 37, (9, 12)) if cross else None
-    budget, p = _segmented_budget(m, X, X2, precision="fp64")
+    budget, p = _segmented_budget(m, X, X2, starts=skip, precision="fp64")
     assert p is not None, "no budget gave a segmented plan"
     assert p.boundaries and "segmented" in str(p)
     assert bool(p.starts) == skip and ("hidden states" in str(p)) == skip
@@ -368,7 +369,7 @@ def test_segmented_bf16_runs_from_bf16_hidden_states_stay_within_the_mode_error(
     torch.manual_seed(0)
     m = small_decoder(n_layer=4, head="label_words", label_ids=(4, 9), label_diff=False, n_positions=16)
     X = torch.randint(0, 37, (16, 12))
-    budget, p = _segmented_budget(m, X, precision="bf16")
+    budget, p = _segmented_budget(m, X, starts=True, precision="bf16")
     assert p is not None and p.starts
     K = ntk(m, X, precision="bf16", max_memory=budget, progress=False)
     R = reference_gram(m.double(), X, None)
@@ -393,7 +394,7 @@ def test_transformers_blocks_are_segments(tmp_path):
     assert eng.blocks is not None and len(eng.blocks) == 4
     assert segs == sorted(segs) and segs[0] == 0 and segs[-1] == 5  # embeddings ... lm_head after the last block
     assert eng.skip_prefix  # runs start from cached hidden states: skipped blocks return transformers' form
-    budget, p = _segmented_budget(hf, X, output=out, precision="fp64")
+    budget, p = _segmented_budget(hf, X, output=out, starts=True, precision="fp64")
     assert p is not None and p.starts
     K = ntk(hf, X, output=out, precision="fp64", max_memory=budget, progress=False)
     R = reference_gram(hf, X, output=lambda o: out(o))
@@ -414,10 +415,37 @@ def test_segmented_runs_from_cached_hidden_states_with_padding_masks(tmp_path, k
     else:
         m = small_decoder(n_layer=4, head="label_words", label_ids=(4, 9), label_diff=True, n_positions=16).double()
         out, X = None, {"idx": torch.randint(0, 37, (12, 10)), "attention_mask": mask}
-    budget, p = _segmented_budget(m, X, output=out, precision="fp64")
+    budget, p = _segmented_budget(m, X, output=out, starts=True, precision="fp64")
     assert p is not None and p.starts
     K = ntk(m, X, output=out, precision="fp64", max_memory=budget, progress=False)
     assert rel(K, ntk(m, X, output=out, precision="fp64", progress=False)) <= 1e-12
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_layers_reading_one_input_store_it_once(precision):
+    """q/k/v projections read the same LayerNorm output: the capture keeps one copy (also across chunks, and in
+    bf16, where the copy is a cast), and the planner counts it once."""
+    from minintk.ntk import _capture_bytes, _Engine
+
+    m = small_decoder(n_layer=2)
+    X = torch.randint(0, 37, (6, 5))
+    eng = _Engine(m, None, select_params(m), precision, "auto", False, torch.device("cpu"))
+    uses = eng.discover(X)
+    by = {u.label: u for u in uses}
+    q, k, v = (f"blocks.0.attn.{p}_proj" for p in "qkv")
+    assert by[q].shares_x == "" and by[k].shares_x == q and by[v].shares_x == q
+    assert by["blocks.0.mlp.c_fc"].shares_x == ""
+    cap = eng.capture(X, 0, 6, uses, chunk=4)  # two chunks: preallocated buffers
+    # k and v keep every step; q at position 0 has a zero gradient (its softmax row is constant), so its
+    # input is sliced to the steps it keeps
+    assert cap.B[k] is cap.B[v] and cap.A[k] is not cap.A[v]
+    assert cap.B[q].shape[1] == 4 and torch.equal(cap.B[q], cap.B[k][:, 1:])
+    elem = eng.cap_dtype.itemsize
+    shared = [by[q], by[k], by[v]]
+    assert _capture_bytes(shared, elem, 1) == sum(u.bytes_per_sample(elem, 1) for u in shared) - 2 * 5 * 16 * elem
+    K = ntk(m, X, precision=precision, block_size=3, progress=False)  # two sample tiles: cross captures too
+    R = reference_gram(m.double(), X)[:, :, 0, 0]
+    assert rel(K, R) <= (1e-5 if precision == "fp32" else 2e-2)
 
 
 class ParallelBlocks(nn.Module):
