@@ -47,13 +47,15 @@ def materialized_gram(
     *,
     same: bool = False,
     budget: int = DEFAULT_BUDGET,
+    symmetrize: bool = True,
 ) -> torch.Tensor:
     """Gram <G1_i, G2_j>_F of per-sample gradients G = D^T X of a linear layer, formed slice by slice.
 
     X (m, T, a) layer inputs, D (m, T, b) output-gradients. Returns float32 (m1, m2) (float64 for float64
     inputs). bf16/fp16 inputs: per-sample gradients are rounded to that dtype and contracted on tensor
     cores with fp32 accumulation; float32 inputs stay float32 throughout (TF32 follows torch's setting).
-    same=True (or X2, D2 omitted): one sample set, each slice formed once, the result exactly symmetric.
+    same=True (or X2, D2 omitted): one sample set, each slice formed once, the result exactly symmetric
+    (symmetrize=False leaves G G^T's last-bit asymmetry to a caller that symmetrizes a larger sum once).
     budget: elements of per-sample gradient slices held at once.
     """
     if (X2 is None) != (D2 is None):
@@ -69,19 +71,21 @@ def materialized_gram(
     m1, _, a = X1.shape
     m2 = X2.shape[0]
     b = D1.shape[2]
-    out = torch.zeros(m1, m2, dtype=out_dtype, device=X1.device)
     if min(m1, m2, a, b, X1.shape[1], X2.shape[1]) == 0:
-        return out
+        return torch.zeros(m1, m2, dtype=out_dtype, device=X1.device)
     X1, D1, X2, D2 = (t.to(dtype) for t in (X1, D1, X2, D2))
     per_row = (m1 + (0 if same else m2)) * a
     step = max(1, min(b, budget // max(1, per_row)))
     if step < b:  # slices start on multiples of 64 rows: misaligned D slices send cuBLAS to slow kernels (3x)
         step = step // 64 * 64 or step // 8 * 8 or step
+    out = None
     for b0 in range(0, b, step):
         b1 = min(b, b0 + step)
         G1 = _slice_grads(X1, D1, b0, b1, dtype)
         G2 = G1 if same else _slice_grads(X2, D2, b0, b1, dtype)
-        out += mm_fp32(G1, G2.T).to(out_dtype)
-    if same:
+        part = mm_fp32(G1, G2.T).to(out_dtype)
+        out = part if out is None else out.add_(part)
+    assert out is not None
+    if same and symmetrize:
         out = 0.5 * (out + out.T)
     return out

@@ -321,6 +321,14 @@ class _Recorder:
         self.handles = []
 
 
+def _sum(ts: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of a non-empty list of tensors (no kernel for a single one, unlike sum())."""
+    out = ts[0]
+    for t in ts[1:]:
+        out = out + t
+    return out
+
+
 def _storage(t: torch.Tensor) -> tuple:
     """What makes two tensors the same values: memory, layout and dtype."""
     return t.data_ptr(), tuple(t.shape), t.stride(), t.dtype
@@ -332,11 +340,10 @@ def _flat(t: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def _norm_hat(mod: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    dims = tuple(range(-len(mod.normalized_shape), 0))
+    """(x - mean) / sqrt(var + eps) over the normalized dimensions, in at least fp32 (one fused kernel)."""
     xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    mu = xf.mean(dims, keepdim=True)
-    var = xf.var(dims, unbiased=False, keepdim=True)
-    return (xf - mu) / torch.sqrt(var + mod.eps)
+    with torch.autocast(x.device.type, enabled=False):
+        return torch.nn.functional.layer_norm(xf, mod.normalized_shape, eps=mod.eps)
 
 
 class _Stop(Exception):
@@ -896,7 +903,8 @@ class _Engine:
                 xhat = _flat(_norm_hat(u.module, x), m)
                 Xv = xhat[:, None].expand(m, C, *xhat.shape[1:]).reshape(m * C, *xhat.shape[1:])
                 if u.weight is not None:
-                    cap.vec[(u.label, "weight")] = (D.double() * Xv.double()).sum(1).to(self._vec_dtype())
+                    vt = self._vec_dtype()
+                    cap.vec[(u.label, "weight")] = (D.to(vt) * Xv.to(vt)).sum(1)
             elif u.weight is not None:
                 sig = _storage(x)
                 if sig not in xs:
@@ -905,7 +913,8 @@ class _Engine:
                 A, B = (D.to(dt), xs[sig]) if u.kind == _LINEAR else (xs[sig], D.to(dt))
                 cap.A[u.label], cap.B[u.label] = A, B
             if u.bias is not None:
-                cap.vec[(u.label, "bias")] = (u.b_mult * D.sum(1)).to(self._vec_dtype())
+                g = D.sum(1, dtype=self._vec_dtype())
+                cap.vec[(u.label, "bias")] = g if u.b_mult == 1.0 else g.mul_(u.b_mult)
         return cap
 
     def _vec_dtype(self):
@@ -959,9 +968,14 @@ class _Engine:
                     getattr(cap, name).update(getattr(part, name))
         # drop tokens where the output-gradient vanishes for every sample (e.g. LM logits but the last); one sync
         mats = [u for u in uses if u.weight is not None and u.kind != _NORM]
-        keeps = [torch.linalg.vector_norm(cap.B[u.label] if u.kind in (_EMBED, _CONV1D) else cap.A[u.label],
-                                          math.inf, dim=(0, 2)) > 0 for u in mats]
-        full = torch.stack([k.all() for k in keeps]).tolist() if keeps else []
+        norms = [torch.linalg.vector_norm(cap.B[u.label] if u.kind in (_EMBED, _CONV1D) else cap.A[u.label],
+                                          math.inf, dim=(0, 2)) for u in mats]
+        flags = (torch.cat(norms) > 0).tolist() if norms else []
+        keeps, full, at = [], [], 0
+        for nm in norms:
+            keeps.append(flags[at : at + nm.numel()])
+            full.append(all(keeps[-1]))
+            at += nm.numel()
         sliced: dict[tuple, torch.Tensor] = {}  # a shared factor stays shared where its uses keep the same steps
 
         def take(t: torch.Tensor, idx: torch.Tensor, steps: tuple) -> torch.Tensor:
@@ -971,8 +985,8 @@ class _Engine:
 
         for u, keep, whole in zip(mats, keeps, full):
             if not whole:
-                idx = keep.nonzero()[:, 0]
-                steps = tuple(idx.tolist())
+                steps = tuple(t for t, k in enumerate(keep) if k)
+                idx = torch.tensor(steps, dtype=torch.long, device=self.device)
                 if u.kind == _EMBED:
                     cap.tok[u.label] = take(cap.tok[u.label], idx, steps)
                 else:
@@ -991,16 +1005,19 @@ class _Engine:
         if use_ghost:
             return ghost_gram(b1, a1, b2, a2, backend=self.backend, budget=self.kernel_budget)
         kw = {"budget": self.mat_budget}
-        return materialized_gram(b1, a1, b1, a1, same=True, **kw) if same else materialized_gram(b1, a1, b2, a2, **kw)
+        if same:  # _layerwise symmetrizes the whole Gram once
+            return materialized_gram(b1, a1, b1, a1, same=True, symmetrize=False, **kw)
+        return materialized_gram(b1, a1, b2, a2, **kw)
 
     def contract(self, uses, cI: Capture, cJ: Capture, same: bool) -> torch.Tensor:
         """sum over parameters of <G_i, G_j> for the uses of one layer group: (mI C, mJ C) fp64."""
         K = None
 
-        def add(t):
+        def add(t, w=1.0):  # K += w t, accumulated in fp64 (one kernel per term)
             nonlocal K
-            t = t.double()
-            K = t if K is None else K + t
+            if K is None:
+                K = torch.zeros(t.shape, dtype=torch.float64, device=t.device)
+            K.add_(t, alpha=w)
 
         by_param: dict[int, list[Use]] = {}
         vec_params: dict[int, list] = {}
@@ -1015,15 +1032,15 @@ class _Engine:
             t0 = time.perf_counter()
             for _ in vec_params:
                 self._count("vector")
-            gI = torch.cat([sum(cI.vec[k] for k in keys) for keys in vec_params.values()], 1)
-            gJ = gI if same else torch.cat([sum(cJ.vec[k] for k in keys) for keys in vec_params.values()], 1)
+            gI = torch.cat([_sum([cI.vec[k] for k in keys]) for keys in vec_params.values()], 1)
+            gJ = gI if same else torch.cat([_sum([cJ.vec[k] for k in keys]) for keys in vec_params.values()], 1)
             add(gI @ gJ.T)
             self._time_form(t0)
         for us in by_param.values():
             for u in us:
                 for v in us:
                     t0 = time.perf_counter()
-                    add(u.w_mult * v.w_mult * self._weight_pair(u, v, cI, cJ, same and u is v))
+                    add(self._weight_pair(u, v, cI, cJ, same and u is v), u.w_mult * v.w_mult)
                     self._time_form(t0)
         return K
 
@@ -1319,6 +1336,7 @@ def _layerwise(eng: _Engine, X, X2, n, n2, max_memory, block_size) -> torch.Tens
             for j, (c, d) in enumerate(rows):
                 if not upper[i, j]:
                     K[a * C : b * C, c * C : d * C] = K[c * C : d * C, a * C : b * C].T
+        K = 0.5 * (K + K.T)  # the diagonal tiles' last-bit asymmetry (G G^T, vector Grams): exactly symmetric
     return K
 
 

@@ -180,6 +180,8 @@ def test_torch_paths_fp64_equal_formed_gradients(m1, m2, T1, T2, a, b, seed):
     torch.testing.assert_close(materialized_gram(X1, D1, X2, D2, budget=1), ref, rtol=1e-12, atol=1e-10)
     sym = materialized_gram(X1, D1, budget=a)
     torch.testing.assert_close(sym, materialized_gram_reference(X1, D1, X1, D1), rtol=1e-12, atol=1e-10)
+    assert torch.equal(sym, sym.T)
+    torch.testing.assert_close(materialized_gram(X1, D1, budget=a, symmetrize=False), sym, rtol=1e-12, atol=1e-10)
 
 
 @pytest.mark.parametrize("b,rows", [(300, 100), (300, 150), (50, 20), (200, 7)])
