@@ -125,7 +125,11 @@ def main() -> None:
     ap.add_argument("--skip", default="", help="comma list size:n:method to skip, e.g. 1.3B:1024:loop")
     ap.add_argument("--ghost-backend", default=None, choices=["triton", "blocked"],
                     help="ghost/embedding contractions on CUDA (minintk.ntk.CUDA_GHOST_BACKEND; default: its value)")
+    ap.add_argument("--memory-fraction", type=float, default=None,
+                    help="default budget as a fraction of free GPU memory (minintk.ntk.BUDGET_FRACTION)")
     args = ap.parse_args()
+    if args.memory_fraction:
+        minintk.ntk.BUDGET_FRACTION = args.memory_fraction
     if args.ghost_backend:
         minintk.ntk.CUDA_GHOST_BACKEND = args.ghost_backend
     sizes, ns = args.sizes.split(","), [int(v) for v in args.ns.split(",")]
@@ -152,6 +156,7 @@ def main() -> None:
         "peaks_tflops": peaks,
         "flop_count": "6 P n T + 2 n^2 P",
         "ghost_backend": minintk.ntk.CUDA_GHOST_BACKEND,
+        "budget_fraction": minintk.ntk.BUDGET_FRACTION,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -49,6 +49,10 @@ GRAPH_MARGIN = 1.5
 # 10-bit operands (which also enter the backward pass), ~1e-2 in bf16.
 CHECK_TOL = {"fp64": 1e-9, "fp32": 1e-4, "tf32": 1e-2, "bf16": 5e-2}
 
+# The default memory budget on CUDA: this fraction of the memory free to torch (the plan then fills 3/4 of it, and
+# the run's measured peak came to ~0.86 of it at 1.3B). benchmarks/ntk_throughput.py --memory-fraction sets it.
+BUDGET_FRACTION = 0.75
+
 # Discovered layer uses per model (weakly keyed: a model's entry goes with the model).
 _DISCOVERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -461,7 +465,7 @@ def _default_budget(device: torch.device) -> int:
     if device.type == "cuda":  # free memory, counting blocks torch's allocator holds but does not use
         free, _ = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(0.75 * free)
+        return int(BUDGET_FRACTION * free)
     avail = 8 << 30
     with contextlib.suppress(OSError, ValueError, IndexError):
         with open("/proc/meminfo") as f:
@@ -661,7 +665,7 @@ class _Engine:
         return self.uses
 
     _DISCOVERED_ATTRS = ("uses", "fallback", "graph_bytes_per_sample", "C", "blocks", "seg_graph", "seg_flops",
-                         "h_bytes", "h_dtype", "block_out_form", "skip_prefix", "scalar_output")
+                         "h_bytes", "h_full", "block_out_form", "skip_prefix", "scalar_output")
 
     def _discover(self, X):
         """Probe on the first samples: find the uses of the selected parameters, their shapes, graph memory,
@@ -715,19 +719,23 @@ class _Engine:
         params = [p for _, p in self.selected]
         grads = torch.autograd.grad(f[:, 0].sum(), params, allow_unused=True, retain_graph=True)
         cap = self._factors(rec, uses, f, m, columns=[0])
-        implied = {id(p): torch.zeros_like(p, dtype=torch.float64) for p in params}
+        parts: dict[int, list[Callable[[], torch.Tensor]]] = {}  # each parameter's implied gradient, in parts
         for u in uses:
             if u.weight is not None and u.kind != _NORM:
-                implied[id(u.weight)] += self._weight_sum(u, cap).reshape(u.weight.shape)
+                parts.setdefault(id(u.weight), []).append(lambda u=u: self._weight_sum(u, cap))
             for p, v in self._vector_grads(u, cap):
-                implied[id(p)] += v.sum(0).reshape(p.shape)
+                parts.setdefault(id(p), []).append(lambda v=v: v.double().sum(0))
         fallback = []
-        for (name, p), g in zip(self.selected, grads):
-            ref = torch.zeros_like(implied[id(p)]) if g is None else g.double()
-            scale = ref.abs().max().item() + implied[id(p)].abs().max().item()
+        for (name, p), g in zip(self.selected, grads):  # one fp64 parameter-sized buffer at a time
+            implied = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+            for part in parts.get(id(p), []):
+                implied += part().reshape(p.shape)
+            ref = torch.zeros_like(implied) if g is None else g.double()
+            scale = ref.abs().max().item() + implied.abs().max().item()
             tol = CHECK_TOL[self.precision] * max(scale, 1e-30)
-            if (implied[id(p)] - ref).abs().max().item() > tol:
+            if (implied - ref).abs().max().item() > tol:
                 fallback.append(name)
+            del implied, ref
         bad = {id(p) for n, p in self.selected if n in fallback}
         if bad:
             for u in uses:
@@ -745,7 +753,7 @@ class _Engine:
     def _check_blocks(self, rec: _Recorder, m: int) -> None:
         """Keep self.blocks only if the probe ran them once each, in order, as a chain of hidden states."""
         blocks, ev = self.blocks, rec.events
-        self.h_bytes, self.h_dtype = [], []
+        self.h_bytes, self.h_full = [], []
         forms = rec.forms
         self.block_out_form = next(iter(forms)) if len(forms) == 1 else None  # None: runs cannot skip blocks
         if blocks is None:
@@ -759,7 +767,7 @@ class _Engine:
             return
         hs = [ev[2 * k][2] for k in range(L)] + [ev[-1][2]]  # boundary e: input of block e; L: the last output
         self.h_bytes = [h.numel() / m * min(h.element_size(), self.cap_dtype.itemsize) for h in hs]
-        self.h_dtype = [h.dtype for h in hs]
+        self.h_full = [h.numel() / m * h.element_size() for h in hs]
 
     def _check_segmented(self, x, uses: list[Use], m: int) -> bool:
         """Segmented capture (one run per segment, from cached boundary gradients) reproduces the full pass;
@@ -818,9 +826,8 @@ class _Engine:
     def boundary_grads(self, X, n: int, E, chunk: int, H=()) -> tuple[dict, dict]:
         """dF_c/dh_e at block boundaries e (the input of block e; e = L the last block's output) for the n
         samples of X, by full forward/backward passes in chunks: {e: (n, C, *h.shape[1:])}, h's dtype (the
-        capture dtype in 16-bit modes); and the hidden states h_e themselves at the boundaries H, likewise:
-        {e: (n, *h.shape[1:])} (in bf16 mode a run starting there sees its residual stream rounded to bf16 once
-        more, an error of the order the mode's matmuls already make)."""
+        capture dtype in 16-bit modes); and the hidden states h_e themselves at the boundaries H, in their own
+        dtype (a run starts from exactly the state the full pass had): {e: (n, *h.shape[1:])}."""
         grads: dict[int, torch.Tensor] = {}
         hidden: dict[int, torch.Tensor] = {}
         E, H = list(E), list(H)
@@ -832,8 +839,7 @@ class _Engine:
             for e in H:
                 h = rec.taps[e]
                 if e not in hidden:
-                    dt = self.cap_dtype if self.cap_dtype.itemsize < h.dtype.itemsize else h.dtype
-                    hidden[e] = torch.empty((n, *h.shape[1:]), dtype=dt, device=h.device)
+                    hidden[e] = torch.empty((n, *h.shape[1:]), dtype=h.dtype, device=h.device)
                 hidden[e][a:b] = h.detach()
             hs = [rec.taps[e] for e in E]
             live = [i for i, h in enumerate(hs) if h.requires_grad]
@@ -928,7 +934,7 @@ class _Engine:
         for a in range(lo, hi, chunk):
             b = min(hi, a + chunk)
             x = _slice(X, a, b, self.device)
-            start = hidden[e][a:b].to(self.h_dtype[e]) if hidden and e in hidden else None
+            start = hidden[e][a:b] if hidden and e in hidden else None
             rec, f = self._forward(x, uses, b - a, run=run, start=start)
             root = None if f is not None else (rec.taps[run[1]], grads[run[1]][a:b].to(rec.taps[run[1]].dtype))
             part = self._factors(rec, uses, f, b - a, root=root)
@@ -1137,7 +1143,7 @@ def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_siz
                 runs = [r for g in groups for r, _ in eng._runs(g)]
                 E = tuple(sorted({s1 for _, s1 in runs if s1 <= L}))
                 S = tuple(sorted({s0 - 1 for s0, _ in runs if s0 >= 1})) if segmented == "skip" else ()
-                cache = n_all * (C * sum(eng.h_bytes[e] for e in E) + sum(eng.h_bytes[e] for e in S))
+                cache = n_all * (C * sum(eng.h_bytes[e] for e in E) + sum(eng.h_full[e] for e in S))
                 run_graph = max(eng._run_graph(r) for r in runs)
                 prefix = 0 if S else 1 / 3
                 work = sum(

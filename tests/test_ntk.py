@@ -367,8 +367,8 @@ def test_segmented_capture_matches_torch_func(monkeypatch, cross, skip):
     assert rel(K, R) <= 1e-10, f"segmented plan {p}: error {rel(K, R):.2e}"
 
 
-def test_segmented_bf16_runs_from_bf16_hidden_states_stay_within_the_mode_error():
-    """bf16 caches the boundary hidden states in bf16: a segmented Gram is as close to fp64 as one full pass."""
+def test_segmented_bf16_runs_from_cached_hidden_states_stay_within_the_mode_error():
+    """bf16: runs from cached (fp32 residual) hidden states give a Gram as close to fp64 as one full pass."""
     torch.manual_seed(0)
     m = small_decoder(n_layer=4, head="label_words", label_ids=(4, 9), label_diff=False, n_positions=16)
     X = torch.randint(0, 37, (16, 12))
