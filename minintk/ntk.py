@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from .kernels import embedding_gram, embedding_linear_cross, ghost_gram, materialized_gram
+from .kernels._common import mirror_upper
 
 PRECISIONS = ("fp64", "fp32", "tf32", "bf16")
 STRATEGIES = ("auto", "ghost", "materialized", "loop", "func")
@@ -234,7 +235,7 @@ class Use:
     T: int = 0
     d_in: int = 0
     d_out: int = 0
-    segment: int = 0  # 0 before the first block, k + 1 inside block k, L + 1 after the last (see _Blocks)
+    segment: int = 0  # 0 before the first block, k + 1 inside block k, L + 1 after the last (blocks: _find_blocks)
     shares_x: str = ""  # label of an earlier use with the same input tensor (q/k/v projections): X stored once
 
     @property
@@ -264,6 +265,12 @@ class Capture:
     B: dict = field(default_factory=dict)
     tok: dict = field(default_factory=dict)
     vec: dict = field(default_factory=dict)
+
+    def items(self) -> Iterable[tuple[str, object, torch.Tensor]]:
+        """(field name, key, tensor) of every factor."""
+        for name in ("A", "B", "tok", "vec"):
+            for key, v in getattr(self, name).items():
+                yield name, key, v
 
 
 class _Recorder:
@@ -517,7 +524,7 @@ class _Engine:
     def _forward(self, x, uses, m, probe=False, saved=None, run=None, taps=(), start=None):
         """One forward pass of a chunk of m samples, recording the layers of `uses` (every layer when probing).
 
-        run=(s0, s1): a run of segments (see _Blocks): autograd records only from segment s0 on (the blocks
+        run=(s0, s1): a run of segments (see Use.segment): autograd records only from segment s0 on (the blocks
         before are evaluated without a graph), and the pass stops at the end of segment s1 <= L, whose hidden
         state is left in rec.taps[s1] and f is None. start: the hidden state (m, ...) at boundary s0 - 1 (cached
         by boundary_grads): the blocks before it are skipped and the run starts from it. taps: boundaries e
@@ -795,18 +802,17 @@ class _Engine:
     def _same_factors(self, full: Capture, part: Capture) -> bool:
         """part's factors equal full's (same keys) to the precision's tolerance."""
         tol = CHECK_TOL[self.precision]
-        for name in ("A", "B", "tok", "vec"):
-            for key, v in getattr(part, name).items():
-                ref = getattr(full, name)[key]
-                if v.shape != ref.shape:
+        for name, key, v in part.items():
+            ref = getattr(full, name)[key]
+            if v.shape != ref.shape:
+                return False
+            if name == "tok":
+                if not torch.equal(v, ref):
                     return False
-                if name == "tok":
-                    if not torch.equal(v, ref):
-                        return False
-                    continue
-                scale = max(ref.abs().max().item(), 1e-30)
-                if (v.double() - ref.double()).abs().max().item() > tol * scale:
-                    return False
+                continue
+            scale = max(ref.abs().max().item(), 1e-30)
+            if (v.double() - ref.double()).abs().max().item() > tol * scale:
+                return False
         return True
 
     def _runs(self, uses: list[Use]) -> list[tuple[tuple[int, int], list[Use]]]:
@@ -944,17 +950,15 @@ class _Engine:
             if first:  # the factors of all samples lo:hi, filled chunk by chunk (rows ordered i * C + c)
                 first = False
                 made: dict[int, torch.Tensor] = {}  # a factor shared by several uses gets one buffer
-                for name in ("A", "B", "tok", "vec"):
-                    for key, v in getattr(part, name).items():
-                        if id(v) not in made:
-                            made[id(v)] = v.new_empty(((hi - lo) * C, *v.shape[1:]))
-                        getattr(cap, name)[key] = made[id(v)]
+                for name, key, v in part.items():
+                    if id(v) not in made:
+                        made[id(v)] = v.new_empty(((hi - lo) * C, *v.shape[1:]))
+                    getattr(cap, name)[key] = made[id(v)]
             done: set[int] = set()
-            for name in ("A", "B", "tok", "vec"):
-                for key, v in getattr(part, name).items():
-                    if id(v) not in done:
-                        done.add(id(v))
-                        getattr(cap, name)[key][(a - lo) * C : (b - lo) * C] = v
+            for name, key, v in part.items():
+                if id(v) not in done:
+                    done.add(id(v))
+                    getattr(cap, name)[key][(a - lo) * C : (b - lo) * C] = v
             del part
         return cap
 
@@ -969,19 +973,13 @@ class _Engine:
             for run, us in self._runs(uses):
                 per = self._run_graph(run) + _capture_bytes(us, self.cap_dtype.itemsize, self.C)
                 c = max(1, min(hi - lo, int(graph_budget // per)))
-                part = self._capture_chunks(X, lo, hi, us, c, run, grads, hidden)
-                for name in ("A", "B", "tok", "vec"):
-                    getattr(cap, name).update(getattr(part, name))
+                for name, key, v in self._capture_chunks(X, lo, hi, us, c, run, grads, hidden).items():
+                    getattr(cap, name)[key] = v
         # drop tokens where the output-gradient vanishes for every sample (e.g. LM logits but the last); one sync
         mats = [u for u in uses if u.weight is not None and u.kind != _NORM]
         norms = [torch.linalg.vector_norm(cap.B[u.label] if u.kind in (_EMBED, _CONV1D) else cap.A[u.label],
                                           math.inf, dim=(0, 2)) for u in mats]
         flags = (torch.cat(norms) > 0).tolist() if norms else []
-        keeps, full, at = [], [], 0
-        for nm in norms:
-            keeps.append(flags[at : at + nm.numel()])
-            full.append(all(keeps[-1]))
-            at += nm.numel()
         sliced: dict[tuple, torch.Tensor] = {}  # a shared factor stays shared where its uses keep the same steps
 
         def take(t: torch.Tensor, idx: torch.Tensor, steps: tuple) -> torch.Tensor:
@@ -989,15 +987,18 @@ class _Engine:
                 sliced[(id(t), steps)] = t[:, idx]
             return sliced[(id(t), steps)]
 
-        for u, keep, whole in zip(mats, keeps, full):
-            if not whole:
-                steps = tuple(t for t, k in enumerate(keep) if k)
-                idx = torch.tensor(steps, dtype=torch.long, device=self.device)
-                if u.kind == _EMBED:
-                    cap.tok[u.label] = take(cap.tok[u.label], idx, steps)
-                else:
-                    cap.A[u.label] = take(cap.A[u.label], idx, steps)
-                cap.B[u.label] = take(cap.B[u.label], idx, steps)
+        at = 0
+        for u, nm in zip(mats, norms):
+            keep, at = flags[at : at + nm.numel()], at + nm.numel()
+            if all(keep):
+                continue
+            steps = tuple(t for t, k in enumerate(keep) if k)
+            idx = torch.tensor(steps, dtype=torch.long, device=self.device)
+            if u.kind == _EMBED:
+                cap.tok[u.label] = take(cap.tok[u.label], idx, steps)
+            else:
+                cap.A[u.label] = take(cap.A[u.label], idx, steps)
+            cap.B[u.label] = take(cap.B[u.label], idx, steps)
         return cap
 
     # ---- contractions
@@ -1011,7 +1012,7 @@ class _Engine:
         if use_ghost:
             return ghost_gram(b1, a1, b2, a2, backend=self.backend, budget=self.kernel_budget)
         kw = {"budget": self.mat_budget}
-        if same:  # _layerwise symmetrizes the whole Gram once
+        if same:  # _layerwise makes the diagonal tiles symmetric once, over all layers
             return materialized_gram(b1, a1, b1, a1, same=True, symmetrize=False, **kw)
         return materialized_gram(b1, a1, b2, a2, **kw)
 
@@ -1133,7 +1134,7 @@ def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_siz
     # modes: full passes per group (False), segmented runs after a forward-only prefix ("prefix"), segmented
     # runs from cached hidden states ("skip": more cache, no prefix)
     modes: list = [False] + (["prefix"] + (["skip"] if eng.skip_prefix else []) if eng.blocks and flops > 0 else [])
-    whole: set[bool] = set()  # modes in which a single sample tile fits
+    whole: set = set()  # modes in which a single sample tile fits
     best = None
     for G in range(1, len(clusters) + 1):
         groups = _split(clusters, per_sample, G)
@@ -1337,12 +1338,11 @@ def _layerwise(eng: _Engine, X, X2, n, n2, max_memory, block_size) -> torch.Tens
     bar.close()
     eng._tick("fallback", t)
     if symmetric:
-        upper = torch.triu(torch.ones(len(rows), len(rows), dtype=torch.bool))
         for i, (a, b) in enumerate(rows):
-            for j, (c, d) in enumerate(rows):
-                if not upper[i, j]:
-                    K[a * C : b * C, c * C : d * C] = K[c * C : d * C, a * C : b * C].T
-        K = 0.5 * (K + K.T)  # the diagonal tiles' last-bit asymmetry (G G^T, vector Grams): exactly symmetric
+            for c, d in rows[:i]:  # tiles below the diagonal: the transposes of those computed above it
+                K[a * C : b * C, c * C : d * C] = K[c * C : d * C, a * C : b * C].T
+            # a diagonal tile's last-bit asymmetry (G G^T, vector Grams): its upper triangle, mirrored
+            K[a * C : b * C, a * C : b * C] = mirror_upper(K[a * C : b * C, a * C : b * C])
     return K
 
 
