@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .files import json_digest, write_atomic, write_json
 from .ntk import PRECISIONS, ntk
 
 FORMAT = "minintk-tiles/1"
@@ -112,10 +113,6 @@ def tensor_digest(t: torch.Tensor, chunk: int = 1 << 24) -> int:
     return int(acc) & (2**64 - 1)
 
 
-def _sha(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def _describe_model(model: nn.Module) -> dict:
     cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
     cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else vars(cfg) if cfg is not None else {}
@@ -135,7 +132,7 @@ def fingerprint_model(model: nn.Module) -> str:
         [name, str(t.dtype), list(t.shape), bool(t.requires_grad), f"{tensor_digest(t):016x}"]
         for name, t in [*model.named_parameters(), *model.named_buffers()]
     ]
-    return _sha({"model": _describe_model(model), "tensors": tensors})
+    return json_digest({"model": _describe_model(model), "tensors": tensors})
 
 
 def _items(X: Inputs) -> list[tuple[str, torch.Tensor]]:
@@ -244,20 +241,6 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file and a rename, so a reader sees the old file or the whole new one."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json(path: Path, obj) -> None:
-    _write_atomic(path, (json.dumps(obj, indent=1) + "\n").encode())
-
-
 def _read_manifest(out: Path) -> dict:
     path = out / "manifest.json"
     try:
@@ -272,7 +255,7 @@ def _read_manifest(out: Path) -> dict:
 
 
 def _run_key(fingerprints: dict) -> str:
-    return _sha(fingerprints)
+    return json_digest(fingerprints)
 
 
 def _read_tile(out: Path, tile: Tile, key: str) -> tuple[str | None, dict | None, bytes | None]:
@@ -363,7 +346,7 @@ def _prepare(out: Path, record: dict, grid: list[Tile], overwrite: bool, launch_
         {"launch": launch, "started": _now(), **launch_info, "tiles_done_at_start": len(done),
          "tiles_to_compute": len(grid) - len(done), "stale_tiles": stale}
     )
-    _write_json(out / "manifest.json", record)
+    write_json(out / "manifest.json", record)
     return {"launch": launch, "done": done, "stale": stale}
 
 
@@ -372,8 +355,8 @@ def _write_tile(out: Path, tile: Tile, K: torch.Tensor, sidecar: dict) -> None:
     from safetensors.torch import save
 
     data = save({"K": K.contiguous()}, metadata={"run": sidecar["run"]})
-    _write_atomic(out / "tiles" / f"{tile.name}.safetensors", data)
-    _write_json(out / "tiles" / f"{tile.name}.json", {**sidecar, "sha256": hashlib.sha256(data).hexdigest()})
+    write_atomic(out / "tiles" / f"{tile.name}.safetensors", data)
+    write_json(out / "tiles" / f"{tile.name}.json", {**sidecar, "sha256": hashlib.sha256(data).hexdigest()})
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -435,7 +418,7 @@ def tiled_ntk(
     grid = tile_grid(n, tile)
     settings = _settings(tile, precision, params, output, output_name)
     device = next(model.parameters()).device
-    fingerprints = {"model": fingerprint_model(model), "data": fingerprint_data(X), "settings": _sha(settings)}
+    fingerprints = {"model": fingerprint_model(model), "data": fingerprint_data(X), "settings": json_digest(settings)}
     views = _all_gather({"fingerprints": fingerprints, "budget": max_memory or _default_budget(device)})
     differ = [r for r, v in enumerate(views) if v["fingerprints"] != views[0]["fingerprints"]]
     if differ:
@@ -478,7 +461,7 @@ def tiled_ntk(
     K = assemble(out)
     manifest = _read_manifest(out)
     manifest["launches"][-1]["finished"] = _now()
-    _write_json(out / "manifest.json", manifest)
+    write_json(out / "manifest.json", manifest)
     return K
 
 
@@ -507,7 +490,7 @@ def assemble(out: str | os.PathLike) -> torch.Tensor:
             f"{out}: {len(bad)} tile(s) not finished or damaged: {shown}{' ...' if len(bad) > 6 else ''}. Run the "
             f"same command again to compute them (all ranks must write to one shared folder)"
         )
-    _write_atomic(out / "gram.safetensors", save({"K": K}, metadata={"fingerprints": json.dumps(m["fingerprints"])}))
+    write_atomic(out / "gram.safetensors", save({"K": K}, metadata={"fingerprints": json.dumps(m["fingerprints"])}))
     return K
 
 

@@ -18,7 +18,6 @@ under ~/.cache/minintk (or $MININTK_CACHE) so that repeat runs skip it; --model 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import data as D
 from .config import DecoderConfig, gpt_neo_config
+from .files import json_digest, write_json
 from .finetune import (
     Data,
     FinetuneConfig,
@@ -189,9 +189,7 @@ class Run:
 
     def save(self) -> None:
         self.results["elapsed_s"] = round(self.elapsed(), 2)
-        tmp = self.out / "results.json.tmp"
-        tmp.write_text(json.dumps(_jsonable(self.results), indent=1))
-        tmp.replace(self.out / "results.json")
+        write_json(self.out / "results.json", _jsonable(self.results))
 
 
 def _jsonable(x):
@@ -227,7 +225,7 @@ def cache_root(cfg: PaperConfig) -> Path:
 
 
 def _key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return json_digest(list(parts))[:12]
 
 
 def _lexicon_prompts(cfg: PaperConfig) -> list[str]:

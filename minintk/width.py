@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -37,6 +36,7 @@ import torch
 
 from .config import ATTN_SCALES, PARAMETERIZATIONS, DecoderConfig
 from .dynamics import gradient_descent_mse
+from .files import write_json
 from .linearize import train
 from .model import Decoder
 from .ntk import ntk
@@ -606,12 +606,6 @@ def summarize(cfg: ScanConfig, runs: dict) -> dict:
 # ----------------------------------------------------------------------------------------------- files
 
 
-def _save_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj))
-    os.replace(tmp, path)  # atomic: an interruption leaves the previous file whole
-
-
 def load_runs(cfg: ScanConfig, out: Path) -> dict:
     """The runs already measured in out/runs.json, if its settings are cfg's; {} if there is none."""
     p = out / "runs.json"
@@ -632,9 +626,12 @@ def run_scan(cfg: ScanConfig, out: str | Path, progress: bool = True) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     fp = cfg.fingerprint()
-    runs = scan(cfg, load_runs(cfg, out), lambda r: _save_json(out / "runs.json", {"fingerprint": fp, "runs": r}),
-                progress)
-    _save_json(out / "runs.json", {"fingerprint": fp, "runs": runs})
+
+    def save(runs: dict) -> None:
+        write_json(out / "runs.json", {"fingerprint": fp, "runs": runs}, indent=None)
+
+    runs = scan(cfg, load_runs(cfg, out), save, progress)
+    save(runs)
     from .width_report import plot_losses, plot_metric, summary_markdown
 
     summary = summarize(cfg, runs)
