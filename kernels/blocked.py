@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from ._common import chunk_size, mm_fp32
+from ._common import chunk_size, mirror_upper, mm_fp32
 
 __all__ = ["blocked_gram"]
 
@@ -66,6 +66,4 @@ def blocked_gram(
             else:
                 Q = Q.mul_(mm_fp32(X1f[rows], X2f[cols].T))
             out[i0:i1, j0:j1] = Q.reshape(i1 - i0, T1, j1 - j0, T2).sum(dim=(1, 3)).to(out_dtype)
-    if same:
-        out = torch.triu(out) + torch.triu(out, diagonal=1).T
-    return out
+    return mirror_upper(out) if same else out
