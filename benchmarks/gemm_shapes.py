@@ -24,7 +24,7 @@ def measure(X: torch.Tensor, D: torch.Tensor, m: int) -> dict:
         "form XtD": best(lambda: torch.bmm(X.transpose(1, 2), D)),
         "gram GGt": best(lambda: G @ G.T),
     }
-    for s in (4, 16, 64):
+    for s in (16, 64, 128, 256, 512):
         Gs = G.view(m, s, -1).transpose(0, 1)
         row[f"gram splitK{s}"] = best(lambda Gs=Gs: torch.bmm(Gs, Gs.transpose(1, 2)).sum(0))
     for budget in (1 << 28, 1 << 24, 1 << 22, 1 << 20):

@@ -203,6 +203,37 @@ def test_materialized_slices_are_aligned_and_cover_every_row(monkeypatch, b, row
     assert all(b0 % align == 0 for b0, _ in starts)
 
 
+@given(
+    m1=st.integers(1, 6), m2=st.integers(1, 6), K=st.integers(1, 300), pieces=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+)  # fmt: skip
+@settings(max_examples=30, deadline=None)
+def test_gram_split_k_equals_one_gemm(m1, m2, K, pieces, seed):
+    """K cut into pieces (a remainder included, pieces > K too): fp64 equal to one GEMM, fp32 within rounding."""
+    g = torch.Generator().manual_seed(seed)
+    G1 = torch.randn(m1, K, generator=g, dtype=torch.float64)
+    G2 = torch.randn(m2, K, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(materialized.gram_split_k(G1, G2, pieces), G1 @ G2.T, rtol=1e-12, atol=1e-12)
+    got = materialized.gram_split_k(G1.float(), G2.float(), pieces)
+    assert got.dtype == torch.float32
+    _close(got, G1.float().double() @ G2.float().double().T, 2e-5)
+
+
+def test_split_k_only_for_few_sample_fp32_grams_on_cuda(monkeypatch):
+    """The rule: CUDA-core fp32, at most 128^2 outputs, pieces >= SPLIT_K_MIN_K long; never on CPU."""
+    G = torch.zeros(64, 2048 * 300)
+    assert materialized._split_k(G, G) == 1  # CPU
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert materialized._split_k(G, G) == materialized.SPLIT_K
+    assert materialized._split_k(G[:, : 2048 * 10], G[:, : 2048 * 10]) == 10
+    assert materialized._split_k(torch.zeros(128, 2048 * 300), torch.zeros(128, 2048 * 300)) == 64
+    assert materialized._split_k(torch.zeros(256, 8), torch.zeros(256, 8)) == 1
+    assert materialized._split_k(G.bfloat16(), G.bfloat16()) == 1
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert materialized._split_k(G, G) == 1
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_materialized_low_precision(dtype):
     X1, D1 = _factors(6, 9, 13, 21, dtype, 7)
