@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.autograd.graph import get_gradient_edge
 
 from .kernels import embedding_gram, embedding_linear_cross, ghost_gram, materialized_gram
 from .kernels._common import mirror_upper
@@ -50,9 +51,18 @@ GRAPH_MARGIN = 1.5
 # 10-bit operands (which also enter the backward pass), ~1e-2 in bf16.
 CHECK_TOL = {"fp64": 1e-9, "fp32": 1e-4, "tf32": 1e-2, "bf16": 5e-2}
 
-# The default memory budget on CUDA: this fraction of the memory free to torch (the plan then fills 3/4 of it, and
-# the run's measured peak came to ~0.86 of it at 1.3B). benchmarks/ntk_throughput.py --memory-fraction sets it.
-BUDGET_FRACTION = 0.75
+# The default memory budget on CUDA: this fraction of the memory free to torch (the plan then fills 3/4 of it; the
+# measured peaks at 1.3B n=1024 on an 80 GB H100 were 0.90 (bf16) and 0.79 (fp32) of the budget at 0.9, i.e. 59 and
+# 52 GiB of 79). benchmarks/ntk_throughput.py --memory-fraction sets it.
+BUDGET_FRACTION = 0.9
+
+# A segmented plan may keep its boundary cache (hidden states and output-gradients at block boundaries) in pinned
+# host memory when that saves passes: the planner prices its copies at HOST_BYTES_PER_S against a pass priced at
+# PASS_FLOPS_PER_S (typical H100 rates of the engine's passes; only their ratio matters), and uses at most
+# HOST_FRACTION of the host's available memory.
+HOST_BYTES_PER_S = 20e9
+PASS_FLOPS_PER_S = {"fp64": 25e12, "fp32": 45e12, "tf32": 200e12, "bf16": 300e12}
+HOST_FRACTION = 0.5
 
 # Discovered layer uses per model (weakly keyed: a model's entry goes with the model).
 _DISCOVERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -243,6 +253,9 @@ class Use:
         return self.name if self.call == 0 else f"{self.name}#{self.call}"
 
     def bytes_per_sample(self, elem: int, C: int, with_x: bool = True) -> int:
+        """Bytes a capture keeps per sample: the factors, or for LayerNorm its summed (fp32/fp64) vector gradients."""
+        if self.kind == _NORM:
+            return C * ((self.weight is not None) + (self.bias is not None)) * self.d_out * max(elem, 4)
         x = self.T * (self.d_in if self.kind != _EMBED else 1) * (8 if self.kind == _EMBED else elem)
         return C * (x * with_x + self.T * self.d_out * elem)
 
@@ -273,8 +286,20 @@ class Capture:
                 yield name, key, v
 
 
+@dataclass
+class _Out:
+    """A recorded layer output, held as its autograd edge: the gradient w.r.t. it can be asked for while its memory
+    goes back as soon as the graph frees it (holding the tensors kept every layer's output alive at the peak)."""
+
+    edge: object
+    shape: torch.Size
+    dtype: torch.dtype
+    device: torch.device
+
+
 class _Recorder:
-    """Forward hooks that keep the inputs and outputs of the layers in `uses` for one forward pass."""
+    """Forward hooks that keep the inputs and outputs of the layers in `uses` for one forward pass (outputs as
+    autograd edges outside the probe)."""
 
     def __init__(self, uses: list[Use], m: int, probe: bool = False):
         self.m, self.probe = m, probe
@@ -322,7 +347,10 @@ class _Recorder:
                 )
             key = (id(mod), k)
             self.inputs[key] = x.detach()
-            self.outputs[key] = out
+            if self.probe or out.grad_fn is None:
+                self.outputs[key] = out
+            else:
+                self.outputs[key] = _Out(get_gradient_edge(out), out.shape, out.dtype, out.device)
 
         return post
 
@@ -423,12 +451,13 @@ class Plan:
     graph_budget: int = 0
     passes: float = 0.0
     workspace: int = 0  # bytes for the contraction kernels' intermediates
+    host_cache: bool = False  # the boundary cache lives in pinned host memory (copied in per chunk)
 
     def __str__(self) -> str:
         tiles = math.ceil(self.n / self.block) * math.ceil(self.n2 / self.block)
         seg = (
             f"segmented at {len(self.boundaries)} block boundaries "
-            f"({self.bytes_boundary_cache / 2**30:.2f} GiB cached"
+            f"({self.bytes_boundary_cache / 2**30:.2f} GiB cached" + (" in host memory" if self.host_cache else "")
             + (f", hidden states at {len(self.starts)} of them" if self.starts else "")
             + ")"
             if self.segmented
@@ -468,17 +497,26 @@ def _precision_mode(precision: str, device: torch.device):
         yield
 
 
+def _host_available(default: int = 8 << 30) -> int:
+    """Bytes of host memory available (Linux /proc/meminfo; `default` elsewhere)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info.get("MemAvailable", default)
+    return default
+
+
+def _host_cache_ok(device: torch.device) -> bool:
+    """Whether a plan may keep its boundary cache in host memory: only where that frees device memory (CUDA)."""
+    return device.type == "cuda"
+
+
 def _default_budget(device: torch.device) -> int:
     if device.type == "cuda":  # free memory, counting blocks torch's allocator holds but does not use
         free, _ = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(BUDGET_FRACTION * free)
-    avail = 8 << 30
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        with open("/proc/meminfo") as f:
-            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-        avail = info.get("MemAvailable", avail)
-    return int(min(8 << 30, 0.5 * avail))
+    return int(min(8 << 30, 0.5 * _host_available()))
 
 
 class _Engine:
@@ -497,11 +535,15 @@ class _Engine:
         self.mat_budget = 1 << 28  # elements of per-sample gradient slices in the materialized form (likewise)
 
     def _tick(self, phase: str, t0: float) -> float:
-        """Add the seconds since t0 to stats[phase] (synchronizing the GPU so that they are real)."""
+        """Add the seconds since t0 to stats[phase] (synchronizing the GPU so that they are real); on CUDA, note
+        the phase in which the allocator's peak (since the caller's last reset) was reached: stats['peak_phase']."""
         if self.stats is None:
             return t0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+            if peak > self.stats.get("peak_bytes", 0):
+                self.stats["peak_bytes"], self.stats["peak_phase"] = peak, phase
         now = time.perf_counter()
         self.stats[phase] = self.stats.get(phase, 0.0) + now - t0
         return now
@@ -829,11 +871,13 @@ class _Engine:
         """Autograd-graph bytes per sample of a run of segments."""
         return max(GRAPH_MARGIN * sum(self.seg_graph[run[0] : run[1] + 1]), 1.0)
 
-    def boundary_grads(self, X, n: int, E, chunk: int, H=()) -> tuple[dict, dict]:
+    def boundary_grads(self, X, n: int, E, chunk: int, H=(), host: bool = False) -> tuple[dict, dict]:
         """dF_c/dh_e at block boundaries e (the input of block e; e = L the last block's output) for the n
         samples of X, by full forward/backward passes in chunks: {e: (n, C, *h.shape[1:])}, h's dtype (the
         capture dtype in 16-bit modes); and the hidden states h_e themselves at the boundaries H, in their own
-        dtype (a run starts from exactly the state the full pass had): {e: (n, *h.shape[1:])}."""
+        dtype (a run starts from exactly the state the full pass had): {e: (n, *h.shape[1:])}. host: both live
+        in pinned host memory (filled by asynchronous copies; _capture_chunks copies each chunk's slice back)."""
+        where = {"device": "cpu", "pin_memory": self.device.type == "cuda"} if host else {}
         grads: dict[int, torch.Tensor] = {}
         hidden: dict[int, torch.Tensor] = {}
         E, H = list(E), list(H)
@@ -845,21 +889,27 @@ class _Engine:
             for e in H:
                 h = rec.taps[e]
                 if e not in hidden:
-                    hidden[e] = torch.empty((n, *h.shape[1:]), dtype=h.dtype, device=h.device)
-                hidden[e][a:b] = h.detach()
+                    hidden[e] = torch.empty((n, *h.shape[1:]), dtype=h.dtype, **(where or {"device": h.device}))
+                hidden[e][a:b].copy_(h.detach(), non_blocking=True)
             hs = [rec.taps[e] for e in E]
             live = [i for i, h in enumerate(hs) if h.requires_grad]
-            for c in range(f.shape[1] if E else 0):
+            C = f.shape[1]
+            cols: list[list] = [[] for _ in E]
+            for c in range(C if E else 0):
                 gs = torch.autograd.grad(
-                    f[:, c].sum(), [hs[i] for i in live], retain_graph=c < f.shape[1] - 1, allow_unused=True
+                    f[:, c].sum(), [hs[i] for i in live], retain_graph=c < C - 1, allow_unused=True
                 )
-                for e, h in zip(E, hs):  # 16-bit modes keep them in the capture dtype (half the memory)
-                    if e not in grads:
-                        dt = self.cap_dtype if self.cap_dtype.itemsize < h.dtype.itemsize else h.dtype
-                        grads[e] = torch.zeros((n, f.shape[1], *h.shape[1:]), dtype=dt, device=h.device)
-                for i, g in zip(live, gs):
-                    if g is not None:
-                        grads[E[i]][a:b, c] = g
+                got = dict(zip(live, gs))
+                for i, h in enumerate(hs):  # a boundary the output does not depend on has gradient 0
+                    g = got.get(i)
+                    cols[i].append(torch.zeros_like(h) if g is None else g)
+            for e, h, gl in zip(E, hs, cols):
+                if e not in grads:  # 16-bit modes keep them in the capture dtype (half the memory)
+                    dt = self.cap_dtype if self.cap_dtype.itemsize < h.dtype.itemsize else h.dtype
+                    grads[e] = torch.empty((n, C, *h.shape[1:]), dtype=dt, **(where or {"device": h.device}))
+                # one contiguous slice per chunk (an asynchronous copy into pinned memory must not need a staging copy)
+                grads[e][a:b].copy_(torch.stack(gl, 1), non_blocking=True)
+                gl.clear()
             del rec, f, hs
         return grads, hidden
 
@@ -890,19 +940,22 @@ class _Engine:
         columns = list(range(f.shape[1] if root is None else root[1].shape[1])) if columns is None else columns
         keys = [(id(u.module), u.call) for u in uses]
         outs = [rec.outputs[k] for k in keys]
+        refs = [o.edge if isinstance(o, _Out) else o for o in outs]
         Ds = [[] for _ in uses]
         for c in columns:
+            keep = c != columns[-1]  # the last backward frees the graph as it goes: activations, D's never coexist
             if root is None:
-                gs = torch.autograd.grad(f[:, c].sum(), outs, retain_graph=True, allow_unused=True)
+                gs = torch.autograd.grad(f[:, c].sum(), refs, retain_graph=keep, allow_unused=True)
             else:
-                gs = torch.autograd.grad(root[0], outs, root[1][:, c], retain_graph=True, allow_unused=True)
-            for i, g in enumerate(gs):
-                Ds[i].append(torch.zeros_like(outs[i]) if g is None else g)
+                gs = torch.autograd.grad(root[0], refs, root[1][:, c], retain_graph=keep, allow_unused=True)
+            for i, (o, g) in enumerate(zip(outs, gs)):
+                Ds[i].append(torch.zeros(o.shape, dtype=o.dtype, device=o.device) if g is None else g)
         cap = Capture()
         C = len(columns)
         dt = self.cap_dtype
         xs: dict[tuple, torch.Tensor] = {}  # one stored copy of an input several layers read (q/k/v projections)
-        for u, key, Dl in zip(uses, keys, Ds):
+        for i, (u, key) in enumerate(zip(uses, keys)):
+            Dl, Ds[i] = Ds[i], None  # a layer's output-gradient is freed once its factors are stored
             D = _flat(Dl[0], m) if C == 1 else torch.stack([_flat(d, m) for d in Dl], 1).reshape(m * C, -1, u.d_out)
             x = rec.inputs[key]
             if u.kind == _EMBED:
@@ -940,9 +993,13 @@ class _Engine:
         for a in range(lo, hi, chunk):
             b = min(hi, a + chunk)
             x = _slice(X, a, b, self.device)
-            start = hidden[e][a:b] if hidden and e in hidden else None
+            start = hidden[e][a:b].to(self.device, non_blocking=True) if hidden and e in hidden else None
             rec, f = self._forward(x, uses, b - a, run=run, start=start)
-            root = None if f is not None else (rec.taps[run[1]], grads[run[1]][a:b].to(rec.taps[run[1]].dtype))
+            if f is None:
+                h = rec.taps[run[1]]
+                root = (h, grads[run[1]][a:b].to(self.device, non_blocking=True).to(h.dtype))
+            else:
+                root = None
             part = self._factors(rec, uses, f, b - a, root=root)
             del rec, f, root
             if first and b == hi:  # one chunk: its factors are the capture
@@ -1134,12 +1191,16 @@ def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_siz
     # modes: full passes per group (False), segmented runs after a forward-only prefix ("prefix"), segmented
     # runs from cached hidden states ("skip": more cache, no prefix)
     modes: list = [False] + (["prefix"] + (["skip"] if eng.skip_prefix else []) if eng.blocks and flops > 0 else [])
+    # ... each with its boundary cache on the device, or (CUDA) in pinned host memory, its copies priced in passes
+    places = [False, True] if _host_cache_ok(eng.device) else [False]
+    host_room = HOST_FRACTION * _host_available(0) if places[-1] else 0.0
+    pass_s = 6.0 * P * n_all * T / PASS_FLOPS_PER_S.get(eng.precision, PASS_FLOPS_PER_S["fp32"])
     whole: set = set()  # modes in which a single sample tile fits
     best = None
     for G in range(1, len(clusters) + 1):
         groups = _split(clusters, per_sample, G)
         cap = max(_capture_bytes(g, elem, C) for g in groups)
-        for segmented in modes:
+        for segmented, host in [(m, h) for m in modes for h in (places if m else [False])]:
             if segmented:  # one full pass caches boundary gradients; then each run recomputes its own blocks
                 runs = [r for g in groups for r, _ in eng._runs(g)]
                 E = tuple(sorted({s1 for _, s1 in runs if s1 <= L}))
@@ -1150,8 +1211,13 @@ def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_siz
                 work = sum(
                     (sum(eng.seg_flops[a : b + 1]) + prefix * sum(eng.seg_flops[:a])) / flops for a, b in runs
                 )  # local forward/backward (+ forward-only prefix), in full passes
+                if host:  # the cache leaves the device; each chunk holds its own slices of it
+                    if cache > host_room:
+                        continue
+                    run_graph += C * max(eng.h_bytes) + max(eng.h_full)
             else:
                 E, S, cache, run_graph, work = (), (), 0, graph, float(G)
+            on_device = 0 if host else cache
             # held: captures of a row block and a column block (one when a single block covers n), the contraction
             # kernels' workspace, and a chunk's graph (with the chunk's factors before they are stored: + cap)
             run_graph += cap
@@ -1159,7 +1225,7 @@ def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_siz
             while True:
                 R = math.ceil(nmax / B)
                 held = cap * B * (1 if R == 1 and symmetric else 2) + workspace
-                free = 0.75 * budget - held - cache
+                free = 0.75 * budget - held - on_device
                 if segmented:
                     chunk = int(free // run_graph)
                     ok = chunk >= min(B, 16)
@@ -1170,32 +1236,35 @@ def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_siz
                     break
                 B = max(1, B // 2)
             chunk = max(1, min(B, chunk))
-            if held + cache + chunk * run_graph > budget:
+            if held + on_device + chunk * run_graph > budget:
                 continue
             captures = R + R * (R - 1) / 2 if symmetric else R + R * R
             # the materialized form builds both blocks' per-sample gradients for every tile (2 B T P flops each,
             # 1/3 of a pass per n samples): R^2 block formations (symmetric), 2 R^2 (cross)
             forms = R * R * (1 if symmetric else 2) * B / nmax / 3
             passes = captures * B / nmax * work + (n_all / nmax if segmented else 0.0)
-            if best is None or passes + forms < best[0] - 1e-9:
-                best = (passes + forms, groups, B, chunk, held, segmented, E, cache, free, run_graph, S, passes)
+            # host copies: the cache out once, in once per capture of a tile
+            copies = cache / n_all * (n_all + captures * B) / HOST_BYTES_PER_S / pass_s if host else 0.0
+            cost = passes + forms + copies
+            if best is None or cost < best[0] - 1e-9:
+                best = (cost, groups, B, chunk, held, segmented, E, cache, free, run_graph, S, passes, host)
             if R == 1:
-                whole.add(segmented)
-        if len(whole) == len(modes):  # one sample tile fits in every mode: more groups only add passes
-            break
+                whole.add((segmented, host))
+        if len(whole) == sum(len(places) if m else 1 for m in modes):  # one tile fits everywhere:
+            break  # more groups only add passes
     if best is None:
         raise NTKError(
             f"even one sample's captures ({total / 2**20:.1f} MiB) and graph ({graph / 2**20:.1f} MiB) exceed the "
             f"memory budget {budget / 2**20:.1f} MiB; raise max_memory, pick fewer params, or use precision='bf16'"
         )
-    _, groups, B, chunk, held, segmented, E, cache, free, run_graph, S, passes = best
+    _, groups, B, chunk, held, segmented, E, cache, free, run_graph, S, passes, host = best
     if segmented:  # the boundary pass runs before any capture is held
-        chunk = max(1, min(nmax, int((0.75 * budget - cache) // graph)))
+        chunk = max(1, min(nmax, int((0.75 * budget - (0 if host else cache)) // graph)))
     flops_total = 6.0 * P * nmax * T * passes + 2.0 * n * n2 * P * C * C
     return Plan(
         n, n2, C, B, groups, [nm for nm, _ in eng.fallback], int(held), int(chunk * graph), chunk, flops_total,
         budget, segmented=bool(segmented), boundaries=E, bytes_boundary_cache=int(cache), starts=S,
-        graph_budget=int(max(free, 0)), passes=passes, workspace=int(workspace),
+        graph_budget=int(max(free, 0)), passes=passes, workspace=int(workspace), host_cache=bool(host),
     )
 
 
@@ -1249,10 +1318,7 @@ def ntk(
     n = _check_inputs(model, X, "X")
     n2 = n if X2 is None else _check_inputs(model, X2, "X2")
     device = next(model.parameters()).device
-    want = torch.float64 if precision == "fp64" else torch.float32
-    pdt = next(model.parameters()).dtype
-    if pdt != want and not (precision == "bf16" and pdt == torch.bfloat16):
-        model = copy.deepcopy(model).to(want)  # deepcopy keeps tied parameters tied
+    model = _in_precision(model, precision)
     selected = select_params(model, params)
     eng = _Engine(model, output, selected, precision, strategy, progress, device)
     eng.stats = stats
@@ -1269,7 +1335,17 @@ def ntk(
         K = K[:, :, 0, 0]
     if normalize:
         K = K / (_width(model) if normalize is True else float(normalize))
-    return K.to(want).contiguous()
+    return K.to(torch.float64 if precision == "fp64" else torch.float32).contiguous()
+
+
+def _in_precision(model: nn.Module, precision: str) -> nn.Module:
+    """The model with parameters in the precision's dtype (fp64; fp32 for the others, bf16 models stay bf16):
+    itself, or a converted copy."""
+    want = torch.float64 if precision == "fp64" else torch.float32
+    pdt = next(model.parameters()).dtype
+    if pdt != want and not (precision == "bf16" and pdt == torch.bfloat16):
+        return copy.deepcopy(model).to(want)  # deepcopy keeps tied parameters tied
+    return model
 
 
 def _width(model: nn.Module) -> int:
@@ -1306,8 +1382,12 @@ def _layerwise(eng: _Engine, X, X2, n, n2, max_memory, block_size) -> torch.Tens
     t = eng._tick("setup", start)
     gI = gJ = hI = hJ = None
     if plan.segmented:
-        gI, hI = eng.boundary_grads(X, n, plan.boundaries, plan.chunk, plan.starts)
-        gJ, hJ = (gI, hI) if symmetric else eng.boundary_grads(X2, n2, plan.boundaries, plan.chunk, plan.starts)
+        gI, hI = eng.boundary_grads(X, n, plan.boundaries, plan.chunk, plan.starts, plan.host_cache)
+        gJ, hJ = (
+            (gI, hI)
+            if symmetric
+            else eng.boundary_grads(X2, n2, plan.boundaries, plan.chunk, plan.starts, plan.host_cache)
+        )
         t = eng._tick("boundary", t)
     for uses in plan.groups:
         for i, (a, b) in enumerate(rows):
@@ -1409,6 +1489,7 @@ def plan(
 ) -> Plan:
     """The tiling plan `ntk` would use (layer groups, sample blocks, memory, flops), without the Gram."""
     device = next(model.parameters()).device
+    model = _in_precision(model, precision)
     eng = _Engine(model, output, select_params(model, params), precision, "auto", False, device)
     with _matmul_flags(precision):
         eng.discover(X)

@@ -498,3 +498,52 @@ def test_global_tf32_flags_do_not_leak_into_fp32(monkeypatch):
     finally:
         torch.set_float32_matmul_precision(old)
     assert seen and all(s == ("highest", False) for s in seen), seen
+
+
+def test_segmented_cache_in_host_memory_is_exact_and_saves_passes(monkeypatch):
+    """A plan whose boundary cache (hidden states, output-gradients) would crowd the device keeps it in host
+    memory (on CUDA; allowed on CPU here, where the copies go host to host) and needs fewer passes than the
+    best plan with the cache on the device; the Gram stays exact."""
+    from minintk import ntk as ntk_module
+    from minintk.ntk import plan
+
+    ntk_module.clear_cache()
+    torch.manual_seed(0)
+    m = small_decoder(n_layer=4, head="label_words", label_ids=(4, 9), label_diff=False, n_positions=16).double()
+    X = torch.randint(0, 37, (16, 12))
+    X2 = torch.randint(0, 37, (9, 12))
+    monkeypatch.setattr(ntk_module, "HOST_BYTES_PER_S", 1e18)  # copies priced at ~0 passes
+    found = None
+    for k in range(40):
+        budget = int(64e6 * 0.8**k)
+        monkeypatch.setattr(ntk_module, "_host_cache_ok", lambda device: True)
+        try:
+            p = plan(m, X, X2, max_memory=budget, precision="fp64")
+        except NTKError:
+            break
+        if p.host_cache:
+            monkeypatch.setattr(ntk_module, "_host_cache_ok", lambda device: False)
+            found = (budget, p, plan(m, X, X2, max_memory=budget, precision="fp64"))
+            break
+    assert found is not None, "no budget gave a host-memory cache"
+    budget, p, dev = found
+    assert "in host memory" in str(p) and not dev.host_cache
+    assert p.passes < dev.passes, (str(p), str(dev))
+    monkeypatch.setattr(ntk_module, "_host_cache_ok", lambda device: True)
+    stats = {}
+    K = ntk(m, X, X2, precision="fp64", max_memory=budget, progress=False, stats=stats)
+    assert stats["plan"].host_cache
+    assert rel(K, reference_gram(m, X, X2)) <= 1e-10
+
+
+def test_plan_of_an_fp32_model_in_fp64_is_the_plan_ntk_uses():
+    """plan() converts the model to the precision's dtype as ntk() does (an fp32 model probed in fp64 failed the
+    probe's fp64 check and planned every parameter for the torch.func fallback)."""
+    from minintk.ntk import plan
+
+    m = small_decoder(n_layer=2, head="label_words", label_ids=(4, 9), label_diff=True, n_positions=16)
+    X = torch.randint(0, 37, (6, 12))
+    p = plan(m, X, precision="fp64")
+    stats = {}
+    ntk(m, X, precision="fp64", progress=False, stats=stats)
+    assert p.fallback == [] and str(p) == str(stats["plan"])
