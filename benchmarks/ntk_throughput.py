@@ -53,18 +53,25 @@ def build(size: str, T: int, seed: int = 0) -> Decoder:
     return model.eval()
 
 
+MAX_MEMORY = None  # bytes: minintk's memory budget (--max-memory); None: its default
+
+
 def run(model, X, precision, method, stats=None):
     strategy = {"minintk": "auto", "loop": "loop", "func": "func"}[method]
-    return ntk(model, X, precision=precision, strategy=strategy, progress=False, stats=stats)
+    budget = MAX_MEMORY if method == "minintk" else None
+    return ntk(model, X, precision=precision, strategy=strategy, progress=False, stats=stats, max_memory=budget)
 
 
 def timed(model, X, precision, method, repeats: int, warmup: bool = True):
     """(seconds, peak GiB, K, stats, warm-up s) of the best of `repeats` runs after a warm-up.
 
     The warm-up is a full call (warmup=True), or for large cases a call on 2 samples: it pays the one-time
-    costs (the engine's discovery of the model's layers, kernel autotuning) without a second large run.
+    costs (the engine's discovery of the model's layers, kernel autotuning, the allocator's first cudaMallocs)
+    without a second large run. Each method starts from an empty allocator cache; the timed calls are steady
+    state (no `empty_cache` between them: a cudaMalloc of GiBs per call would be timed otherwise).
     """
     best, K, stats, warm = None, None, {}, None
+    torch.cuda.empty_cache()
     if not warmup:
         torch.cuda.synchronize()
         t = time.perf_counter()
@@ -72,7 +79,6 @@ def timed(model, X, precision, method, repeats: int, warmup: bool = True):
         torch.cuda.synchronize()
         warm = time.perf_counter() - t
     for r in range(0 if warmup else 1, repeats + 1):
-        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
         s = {"time_forms": X.shape[0] >= 1024}  # per-form seconds (a sync per layer) only where it is negligible
@@ -106,6 +112,30 @@ def check(methods, precisions) -> list[dict]:
             K = run(m, X, p, method)
             rows.append({"method": method, "precision": p, "rel_err_vs_fp64_func": rel(K, ref)})
             print(f"check {method:8s} {p:5s} rel err {rows[-1]['rel_err_vs_fp64_func']:.2e}", flush=True)
+    rows += check_segmented(m, X, ref)
+    return rows
+
+
+def check_segmented(m, X, ref) -> list[dict]:
+    """fp64 segmented plans on the GPU: the boundary cache on the device, then in pinned host memory (a budget
+    and free copies that make the planner choose each), against the same fp64 reference."""
+    rows = []
+    old = minintk.ntk.HOST_BYTES_PER_S
+    for host in (False, True):
+        minintk.ntk.HOST_BYTES_PER_S = 1e18 if host else 1.0  # copies free, or too dear to choose
+        for k in range(60):
+            budget = int(256e6 * 0.85**k)
+            try:
+                p = minintk.ntk.plan(m, X, precision="fp64", max_memory=budget)
+            except minintk.ntk.NTKError:
+                break
+            if p.segmented and p.host_cache == host and len(p.groups) > 1:
+                K = ntk(m, X, precision="fp64", max_memory=budget, progress=False)
+                label = f"minintk segmented, cache in {'host' if host else 'device'} memory"
+                rows.append({"method": label, "precision": "fp64", "rel_err_vs_fp64_func": rel(K, ref)})
+                print(f"check {label}: {p}; rel err {rows[-1]['rel_err_vs_fp64_func']:.2e}", flush=True)
+                break
+    minintk.ntk.HOST_BYTES_PER_S = old
     return rows
 
 
@@ -127,7 +157,11 @@ def main() -> None:
                     help="ghost/embedding contractions on CUDA (minintk.ntk.CUDA_GHOST_BACKEND; default: its value)")
     ap.add_argument("--memory-fraction", type=float, default=None,
                     help="default budget as a fraction of free GPU memory (minintk.ntk.BUDGET_FRACTION)")
+    ap.add_argument("--max-memory", type=float, default=None, help="GiB: minintk's memory budget (max_memory)")
     args = ap.parse_args()
+    global MAX_MEMORY
+    if args.max_memory:
+        MAX_MEMORY = int(args.max_memory * 2**30)
     if args.memory_fraction:
         minintk.ntk.BUDGET_FRACTION = args.memory_fraction
     if args.ghost_backend:
@@ -157,6 +191,7 @@ def main() -> None:
         "flop_count": "6 P n T + 2 n^2 P",
         "ghost_backend": minintk.ntk.CUDA_GHOST_BACKEND,
         "budget_fraction": minintk.ntk.BUDGET_FRACTION,
+        "max_memory_gib": args.max_memory,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -205,6 +240,7 @@ def main() -> None:
                         boundary_s=stats.get("boundary", 0.0),
                         contract_s=stats.get("contract", 0.0),
                         setup_s=stats.get("setup", 0.0),
+                        peak_phase=stats.get("peak_phase"),
                         forms=stats.get("forms", {}),
                         form_seconds=stats.get("form_seconds", {}),
                         groups=len(plan.groups) if plan else None,
@@ -260,7 +296,12 @@ def markdown(meta, checks, rows) -> str:
         f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; ghost/embedding contractions: "
         f"{meta.get('ghost_backend', 'triton')}. Measured matmul peaks (TFLOP/s): "
         + ", ".join(f"{k} {v:.0f}" for k, v in meta["peaks_tflops"].items())
-        + f". Flops counted as {meta['flop_count']}. Output f: label-word logit difference at the last token.",
+        + f". Flops counted as {meta['flop_count']}. Output f: label-word logit difference at the last token. "
+        + (
+            f"minintk's memory budget: {meta['max_memory_gib']:g} GiB (max_memory)."
+            if meta.get("max_memory_gib")
+            else f"minintk's memory budget: {meta.get('budget_fraction', 0.75):g} of the free GPU memory (default)."
+        ),
         "",
         "| model | n | T | precision | method | time (s) | warm-up s** | peak GiB | samples/s | TFLOP/s | of peak | "
         "capture s | contract s | Gram phase of peak* | forms | rel. err (vs) |",
@@ -302,7 +343,9 @@ def markdown(meta, checks, rows) -> str:
         "the boundary pass of a segmented plan; 'passes' counts forward/backward passes over the samples.",
         "",
         "\\** Warm-up: the first call on a fresh model, untimed in 'time' (the engine's discovery of the model's "
-        "layers, kernel autotuning, cuBLAS handles): a full call for n <= 256, a call on 2 samples for larger n.",
+        "layers, kernel autotuning, cuBLAS handles, the allocator's first cudaMallocs): a full call for n <= 256, "
+        "a call on 2 samples for larger n. Each method starts from an empty allocator cache; 'time' is the best "
+        "timed call after the warm-up (steady state, no empty_cache between calls).",
         "",
         "## Checks against the fp64 reference (tiny GPT-Neo-like model, n=12, T=32)",
         "",

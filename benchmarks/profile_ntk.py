@@ -37,7 +37,9 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--max-memory", type=float, default=None, help="GiB: the engine's memory budget")
     args = ap.parse_args()
+    args.max_memory = int(args.max_memory * 2**30) if args.max_memory else None
     torch.manual_seed(0)
     cfg = gpt_neo_config(args.size, head="label_words", label_ids=(352, 2089), label_diff=True)
     with torch.device("cuda"):
@@ -49,7 +51,7 @@ def main() -> None:
 
 def profile_one(model, X, prec: str, args) -> None:
     params = list(model.parameters())
-    ntk(model, X, precision=prec, progress=False)  # warm-up: discovery, autotune
+    ntk(model, X, precision=prec, progress=False, max_memory=args.max_memory)  # warm-up: discovery, autotune
 
     def fwd_bwd():
         with _matmul_flags(prec), _precision_mode(prec, X.device):
@@ -62,9 +64,12 @@ def profile_one(model, X, prec: str, args) -> None:
             model(X)
 
     stats: dict = {}
-    t_call = best_of(lambda: ntk(model, X, precision=prec, progress=False), args.repeats)
-    ntk(model, X, precision=prec, progress=False, stats=stats)
+    t_call = best_of(lambda: ntk(model, X, precision=prec, progress=False, max_memory=args.max_memory), args.repeats)
+    torch.cuda.reset_peak_memory_stats()
+    ntk(model, X, precision=prec, progress=False, stats=stats, max_memory=args.max_memory)
     phases = {k: round(v, 4) for k, v in stats.items() if isinstance(v, float)}
+    phases["peak GiB"] = round(stats.get("peak_bytes", 0) / 2**30, 2)
+    phases["peak in"] = stats.get("peak_phase")
     print(f"== {args.size} n={args.n} T={args.T} {prec}: ntk {t_call:.4f} s; forward {best_of(fwd, 3):.4f} s, "
           f"forward+backward {best_of(fwd_bwd, 3):.4f} s; phases (synchronized) {phases} forms "
           f"{stats.get('forms')}", flush=True)
@@ -73,7 +78,7 @@ def profile_one(model, X, prec: str, args) -> None:
         return
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        ntk(model, X, precision=prec, progress=False)
+        ntk(model, X, precision=prec, progress=False, max_memory=args.max_memory)
         torch.cuda.synchronize()
     ka = prof.key_averages()
     syncs = sum(e.count for e in ka if "Synchronize" in e.key or e.key == "aten::item"
