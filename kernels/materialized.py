@@ -45,11 +45,9 @@ def _slice_grads(X: torch.Tensor, D: torch.Tensor, b0: int, b1: int, keep: torch
     return bmm_fp32(Dt, X).to(keep).flatten(1)  # (m, bs * a), fp32 accumulation
 
 
-def _split_k(G1: torch.Tensor, G2: torch.Tensor) -> int:
-    """Pieces to cut the Gram's K into on this device and dtype (1: one GEMM)."""
-    (m1, K), m2 = G1.shape, G2.shape[0]
-    fp32_cores = G1.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
-    if G1.device.type != "cuda" or not fp32_cores or m1 * m2 > 128 * 128:
+def _split_k(m1: int, m2: int, K: int, dtype: torch.dtype, cuda: bool, tf32: bool) -> int:
+    """Pieces to cut an (m1, K) x (K, m2) Gram's K into (1: one GEMM): CUDA-core fp32 with few outputs only."""
+    if not cuda or dtype != torch.float32 or tf32 or m1 * m2 > 128 * 128:
         return 1
     return max(1, min(SPLIT_K * 64 * 64 // (m1 * m2), K // SPLIT_K_MIN_K, SPLIT_K))
 
@@ -114,7 +112,8 @@ def materialized_gram(
         b1 = min(b, b0 + step)
         G1 = _slice_grads(X1, D1, b0, b1, dtype)
         G2 = G1 if same else _slice_grads(X2, D2, b0, b1, dtype)
-        part = gram_split_k(G1, G2, _split_k(G1, G2)).to(out_dtype)
+        pieces = _split_k(m1, m2, G1.shape[1], G1.dtype, G1.is_cuda, torch.backends.cuda.matmul.allow_tf32)
+        part = gram_split_k(G1, G2, pieces).to(out_dtype)
         out = part if out is None else out.add_(part)
     assert out is not None
     if same and symmetrize:

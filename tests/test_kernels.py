@@ -219,19 +219,16 @@ def test_gram_split_k_equals_one_gemm(m1, m2, K, pieces, seed):
     _close(got, G1.float().double() @ G2.float().double().T, 2e-5)
 
 
-def test_split_k_only_for_few_sample_fp32_grams_on_cuda(monkeypatch):
+def test_split_k_only_for_few_sample_fp32_grams_on_cuda():
     """The rule: CUDA-core fp32, at most 128^2 outputs, pieces >= SPLIT_K_MIN_K long; never on CPU."""
-    G = torch.zeros(64, 2048 * 300)
-    assert materialized._split_k(G, G) == 1  # CPU
-    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda")))
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert materialized._split_k(G, G) == materialized.SPLIT_K
-    assert materialized._split_k(G[:, : 2048 * 10], G[:, : 2048 * 10]) == 10
-    assert materialized._split_k(torch.zeros(128, 2048 * 300), torch.zeros(128, 2048 * 300)) == 64
-    assert materialized._split_k(torch.zeros(256, 8), torch.zeros(256, 8)) == 1
-    assert materialized._split_k(G.bfloat16(), G.bfloat16()) == 1
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert materialized._split_k(G, G) == 1
+    K, f32 = 2048 * 300, torch.float32
+    assert materialized._split_k(64, 64, K, f32, cuda=False, tf32=False) == 1
+    assert materialized._split_k(64, 64, K, f32, cuda=True, tf32=False) == materialized.SPLIT_K
+    assert materialized._split_k(64, 64, 2048 * 10, f32, cuda=True, tf32=False) == 10
+    assert materialized._split_k(128, 128, K, f32, cuda=True, tf32=False) == 64
+    assert materialized._split_k(256, 256, K, f32, cuda=True, tf32=False) == 1
+    assert materialized._split_k(64, 64, K, torch.bfloat16, cuda=True, tf32=False) == 1
+    assert materialized._split_k(64, 64, K, f32, cuda=True, tf32=True) == 1
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
