@@ -1195,12 +1195,13 @@ def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_siz
     places = [False, True] if _host_cache_ok(eng.device) else [False]
     host_room = HOST_FRACTION * _host_available(0) if places[-1] else 0.0
     pass_s = 6.0 * P * n_all * T / PASS_FLOPS_PER_S.get(eng.precision, PASS_FLOPS_PER_S["fp32"])
+    combos = [(m, h) for m in modes for h in (places if m else [False])]  # (segmented mode, cache in host memory)
     whole: set = set()  # modes in which a single sample tile fits
     best = None
     for G in range(1, len(clusters) + 1):
         groups = _split(clusters, per_sample, G)
         cap = max(_capture_bytes(g, elem, C) for g in groups)
-        for segmented, host in [(m, h) for m in modes for h in (places if m else [False])]:
+        for segmented, host in combos:
             if segmented:  # one full pass caches boundary gradients; then each run recomputes its own blocks
                 runs = [r for g in groups for r, _ in eng._runs(g)]
                 E = tuple(sorted({s1 for _, s1 in runs if s1 <= L}))
@@ -1250,8 +1251,8 @@ def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_siz
                 best = (cost, groups, B, chunk, held, segmented, E, cache, free, run_graph, S, passes, host)
             if R == 1:
                 whole.add((segmented, host))
-        if len(whole) == sum(len(places) if m else 1 for m in modes):  # one tile fits everywhere:
-            break  # more groups only add passes
+        if len(whole) == len(combos):  # one sample tile fits in every combination: more groups only add passes
+            break
     if best is None:
         raise NTKError(
             f"even one sample's captures ({total / 2**20:.1f} MiB) and graph ({graph / 2**20:.1f} MiB) exceed the "
