@@ -27,8 +27,8 @@ class DecoderConfig:
     sigma_b) in the forward pass; "standard" stores W ~ N(0, sigma_w^2 / fan_in), b ~ N(0, sigma_b^2).
     head: "lm" (tied to the token embedding, logits (n, T, V)), "scalar" (n,), "classes" (n, C),
     "label_words" (logits of label_ids at the pooled position (n, k), or their difference (n,)).
-    attn_scores_fp32 casts q and k to fp32 before the scores even in an fp64 model, as transformers' GPT-Neo
-    does; off, scores use max(dtype, fp32), so fp64 models stay fp64 throughout.
+    Attention scores are computed in the wider of the model's dtype and fp32: bf16 models score in fp32 as
+    GPT-Neo does, fp64 models stay fp64 throughout (GPT-Neo itself narrows them to fp32).
     """
 
     vocab_size: int = 256
@@ -42,7 +42,6 @@ class DecoderConfig:
     attn_scale: str = "1/sqrt(d)"
     attention_windows: tuple[int | None, ...] = (None,)
     qkv_bias: bool = False
-    attn_scores_fp32: bool = False
     parameterization: str = "standard"
     sigma_w: float = 1.0
     sigma_b: float = 0.0
@@ -121,6 +120,7 @@ class DecoderConfig:
     @classmethod
     def from_dict(cls, d: dict) -> DecoderConfig:
         known = set(cls.__dataclass_fields__)
+        d = {k: v for k, v in d.items() if k != "attn_scores_fp32"}  # retired: scores only ever widen now
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"unknown DecoderConfig fields {unknown}; known: {sorted(known)}")

@@ -165,8 +165,6 @@ def load_gpt_neo(
         hf = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
-    # GPT-Neo takes its attention scores in fp32 even in an fp64 model: reproduce that unless told otherwise.
-    head_options.setdefault("attn_scores_fp32", attn_scale == "native")
     cfg = decoder_config_from_hf(hf, attn_scale=attn_scale, head=head, **head_options)
     state = _read_weights(cfg_path.parent, file)
     prefix = "transformer." if any(k.startswith("transformer.") for k in state) else ""

@@ -61,7 +61,6 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         d = cfg.d_model
         self.n_head, self.d_head, self.window = cfg.n_head, cfg.d_head, window
-        self.scores_fp32 = cfg.attn_scores_fp32
         self.scale = {"1/d": 1.0 / cfg.d_head, "1/sqrt(d)": 1.0 / math.sqrt(cfg.d_head), "none": 1.0}[cfg.attn_scale]
         self.q_proj = Linear(d, d, bias=cfg.qkv_bias, **mults)
         self.k_proj = Linear(d, d, bias=cfg.qkv_bias, **mults)
@@ -82,16 +81,15 @@ class CausalSelfAttention(nn.Module):
         n, T, _ = x.shape
         q = self.q_proj(x).view(n, T, self.n_head, self.d_head).transpose(1, 2)
         k = self.k_proj(x).view(n, T, self.n_head, self.d_head).transpose(1, 2)
-        # Scores in at least fp32 (as GPT-Neo does), so bf16 runs do not saturate the softmax.
-        acc = torch.float32 if self.scores_fp32 else torch.promote_types(q.dtype, torch.float32)
+        # Scores in at least fp32 (as GPT-Neo does, so bf16 runs do not saturate the softmax), and never narrower
+        # than the model: an fp64 model stays fp64 throughout (GPT-Neo itself narrows fp64 to fp32 here).
+        acc = torch.promote_types(q.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):  # under bf16 autocast too
             s = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * self.scale
         ok = self.allowed(T, x.device)
         if key_mask is not None:
             ok = ok & key_mask[:, None, None, :].bool()
         s = torch.where(ok, s, torch.finfo(s.dtype).min)
-        # transformers' GPT-Neo adds an x.dtype mask before the softmax, so fp64 models take it in fp64.
-        s = s.to(torch.promote_types(x.dtype, s.dtype))
         return torch.softmax(s, dim=-1).to(x.dtype)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -199,6 +197,12 @@ class Decoder(nn.Module):
             raise ModelInputError(
                 f"attention_mask shape {tuple(attention_mask.shape)} differs from the ids' {tuple(idx.shape)}"
             )
+        if attention_mask is not None and not torch._C._functorch.is_functorch_wrapped_tensor(attention_mask):
+            empty = (~attention_mask.bool().any(1)).nonzero().flatten().tolist()
+            if empty:
+                raise ModelInputError(
+                    f"attention_mask rows {empty[:8]} mask every token: such a sample has no output; drop it"
+                )
 
     def hidden(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Final hidden states after ln_f: (n, T, d)."""
@@ -212,18 +216,21 @@ class Decoder(nn.Module):
         return self.ln_f(x)
 
     def pool(self, h: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """(n, T, d) -> (n, d): the last (unpadded) token, or the mean over unpadded tokens."""
+        """(n, T, d) -> (n, d): the last attended token, or the mean over attended tokens.
+
+        "Last" is the last position whose mask is 1, so right padding, left padding (as batches are padded for
+        generation) and no padding all pool the sample's own last token.
+        """
         n, T, _ = h.shape
         if self.cfg.pool == "mean":
             if attention_mask is None:
                 return h.mean(1)
             m = attention_mask.to(h.dtype)[..., None]
             return (h * m).sum(1) / m.sum(1).clamp_min(1)
-        last = (
-            torch.full((n,), T - 1, device=h.device)
-            if attention_mask is None
-            else attention_mask.long().sum(1).clamp_min(1) - 1
-        )
+        if attention_mask is None:
+            return h[:, -1]
+        positions = torch.arange(T, device=h.device).expand(n, T)
+        last = torch.where(attention_mask.bool(), positions, -1).amax(1).clamp_min(0)
         return h[torch.arange(n, device=h.device), last]
 
     def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -18,6 +18,7 @@ import contextlib
 import copy
 import fnmatch
 import math
+import os
 import sys
 import time
 import warnings
@@ -68,12 +69,21 @@ HOST_FRACTION = 0.5
 _DISCOVERED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def _warn_fallback(names: list[str]) -> None:
-    warnings.warn(
-        f"parameters {names} are used outside the layers the engine contracts (Linear, Conv1D, "
-        f"Embedding, LayerNorm); their part of K comes from torch.func per-sample gradients (slower)",
-        stacklevel=4,
-    )
+_CONTRACTED = "torch.nn Linear, Embedding and LayerNorm, transformers' Conv1D, minintk's Linear and Embedding"
+
+
+def _warn(message: str) -> None:
+    """warnings.warn pointing at the first caller outside minintk."""
+    frame, level = sys._getframe(1), 2
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    while frame is not None and frame.f_code.co_filename.startswith(here):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, stacklevel=level)
+
+
+def _warn_fallback(reasons: Iterable[str]) -> None:
+    _warn("the engine cannot contract some parameters layer by layer; their part of K comes from per-sample "
+          "gradients of the whole model (exact, slower): " + "; ".join(reasons))
 
 
 def clear_cache() -> None:
@@ -88,21 +98,42 @@ class NTKError(ValueError):
 # ----------------------------------------------------------------------------------------------- outputs
 
 
-def label_words(ids: Iterable[int], diff: bool = False, position: int = -1) -> Callable:
+def label_words(ids: Iterable[int], diff: bool = False, position: int | str = "last") -> Callable:
     """Output f for an LM: logits of token `ids` at `position` (n, k), or logit[ids[1]] - logit[ids[0]] (n,).
 
-    Works on a (n, T, V) logits tensor or any model output with a `.logits` field (transformers).
+    position "last": each sample's last attended token (the last 1 of its attention_mask, so right, left and no
+    padding all read the sample's own last token; the last position without a mask); an int: that position.
+    Works on a (n, T, V) logits tensor or any model output with a `.logits` field (transformers). The engine
+    passes the inputs as the second argument (f.takes_inputs).
     """
     ids = [int(i) for i in ids]
     if diff and len(ids) != 2:
         raise NTKError(f"label_words(diff=True) needs exactly 2 ids, got {ids}")
+    if position != "last" and not isinstance(position, int):
+        raise NTKError(f"label_words position must be 'last' or an int, got {position!r}")
 
-    def f(out):
+    def f(out, inputs: Inputs | None = None):
         logits = getattr(out, "logits", out)
-        z = logits[:, position, ids]
+        mask = inputs.get("attention_mask") if isinstance(inputs, Mapping) else None
+        if position != "last":
+            z = logits[:, position]
+        elif mask is None:
+            z = logits[:, -1]
+        else:
+            at = torch.arange(mask.shape[1], device=mask.device).expand(mask.shape)
+            last = torch.where(mask.bool(), at, -1).amax(1).clamp_min(0)
+            z = logits[torch.arange(logits.shape[0], device=logits.device), last]
+        z = z[:, ids]
         return z[:, 1] - z[:, 0] if diff else z
 
+    f.takes_inputs = True
     return f
+
+
+def _apply_output(output: Callable | None, out, x: Inputs) -> torch.Tensor:
+    if output is None:
+        return _as_output(out)
+    return _as_output(output(out, x) if getattr(output, "takes_inputs", False) else output(out))
 
 
 def _as_output(out) -> torch.Tensor:
@@ -136,9 +167,36 @@ def _slice(X: Inputs, lo: int, hi: int, device) -> Inputs:
     return {k: v[lo:hi].to(device) for k, v in X.items()}
 
 
+def _take(X: Inputs, rows: list[int], device) -> Inputs:
+    idx = torch.tensor(rows)
+    if isinstance(X, torch.Tensor):
+        return X[idx.to(X.device)].to(device)
+    return {k: v[idx.to(v.device)].to(device) for k, v in X.items()}
+
+
+def _probe_rows(model: nn.Module, X: Inputs, most: int = 6) -> list[int]:
+    """The samples the probe runs: the first and the last, and those that hold what the data holds of special
+    tokens and padding (an embedding's padding id; the most padded row, a left- and a right-padded one)."""
+    n = _n(X)
+    if n == 1:  # two copies: a layer that mixes samples or orders them (T, n, ...) shows only with two
+        return [0, 0]
+    rows = [0, n - 1]
+    tensors = {"": X} if isinstance(X, torch.Tensor) else dict(X)
+    pads = {m.padding_idx for m in model.modules() if isinstance(m, nn.Embedding) and m.padding_idx is not None}
+    for key, v in tensors.items():
+        if v.dim() != 2 or v.is_floating_point():
+            continue
+        if "mask" in key:
+            off = v == 0
+            rows += [int(off.sum(1).argmax())] + [int(c.nonzero()[0]) for c in (off[:, 0], off[:, -1]) if c.any()]
+        else:
+            rows += [int(hit.nonzero()[0]) for hit in ((v == p).any(1) for p in pads) if hit.any()]
+    return sorted(list(dict.fromkeys(rows))[:most])
+
+
 def _call(model: nn.Module, x: Inputs, output: Callable | None) -> torch.Tensor:
     out = model(**x) if isinstance(x, Mapping) else model(x)
-    return _as_output(output(out) if output is not None else out)
+    return _apply_output(output, out, x)
 
 
 def _check_inputs(model: nn.Module, X: Inputs, name: str) -> int:
@@ -157,10 +215,22 @@ def _check_inputs(model: nn.Module, X: Inputs, name: str) -> int:
         lo, hi = torch.stack([ids.min(), ids.max()]).tolist()
         if lo < 0 or hi >= emb.num_embeddings:
             raise NTKError(f"{name} token ids must lie in [0, {emb.num_embeddings}), got min {lo}, max {hi}")
+    mask = X.get("attention_mask") if isinstance(X, Mapping) else None
+    if isinstance(mask, torch.Tensor) and mask.dim() >= 2:
+        empty = (~mask.bool().flatten(1).any(1)).nonzero().flatten().tolist()
+        if empty:
+            raise NTKError(f"{name}['attention_mask'] rows {empty[:8]} mask every token: such a sample has no "
+                           f"output to differentiate; drop it")
     return n
 
 
 def _check_model(model: nn.Module) -> None:
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise NTKError(
+            f"parameters {meta[:3]} are on the meta device (no values: a model built under init_empty_weights or "
+            f"device_map offloading); load its weights first, e.g. model.to_empty(device=...) then load_state_dict"
+        )
     for name, m in model.named_modules():
         if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm):
             raise NTKError(f"{name or 'model'} is batch norm in training mode: samples interact; call model.eval()")
@@ -179,28 +249,40 @@ def _check_model(model: nn.Module) -> None:
 
 
 def select_params(model: nn.Module, params=None) -> list[tuple[str, nn.Parameter]]:
-    """The parameters whose Jacobian enters K: all (None), glob pattern(s) on names, module(s), or a predicate.
+    """The parameters whose Jacobian enters K, as (name, parameter) in the model's order.
 
+    params: None (every parameter that requires grad), glob pattern(s) on names, module(s) or parameter(s) of
+    the model, or a predicate (name, parameter) -> bool. Parameters chosen by name, object or predicate are
+    differentiated whether or not they require grad (a frozen backbone's kernel is a kernel too).
     Examples: "blocks.*.attn.*" (attention only), ["blocks.10.*", "blocks.11.*"], model.lm_head.
+    Raises NTKError when nothing is selected.
     """
     named = list(model.named_parameters())
+    many = isinstance(params, (list, tuple)) and len(params) > 0
     if params is None:
         chosen = [(n, p) for n, p in named if p.requires_grad]
-    elif isinstance(params, str) or (isinstance(params, (list, tuple)) and params and isinstance(params[0], str)):
+        if not chosen and named:
+            raise NTKError("no parameter of the model requires grad; name the ones to differentiate with params=")
+    elif isinstance(params, str) or (many and all(isinstance(q, str) for q in params)):
         pats = [params] if isinstance(params, str) else list(params)
         chosen = [(n, p) for n, p in named if any(fnmatch.fnmatchcase(n, q) for q in pats)]
-    elif isinstance(params, nn.Module) or (isinstance(params, (list, tuple)) and params):
+    elif isinstance(params, nn.Module) or (many and all(isinstance(q, nn.Module) for q in params)):
         mods = [params] if isinstance(params, nn.Module) else list(params)
         ids = {id(p) for m in mods for p in m.parameters()}
+        chosen = [(n, p) for n, p in named if id(p) in ids]
+    elif isinstance(params, nn.Parameter) or (many and all(isinstance(q, nn.Parameter) for q in params)):
+        ids = {id(p) for p in ([params] if isinstance(params, nn.Parameter) else params)}
         chosen = [(n, p) for n, p in named if id(p) in ids]
     elif callable(params):
         chosen = [(n, p) for n, p in named if params(n, p)]
     else:
         raise NTKError(
-            f"params must be None, a glob pattern, a list of patterns, module(s) or a predicate; got {params!r}"
+            f"params must be None, a glob pattern, a list of patterns, module(s), parameter(s) or a predicate; "
+            f"got {params!r}"
         )
     if not chosen:
-        raise NTKError(f"params={params!r} selects no parameter; names look like {[n for n, _ in named[:4]]}")
+        raise NTKError(f"params={params!r} selects no parameter of this model; names look like "
+                       f"{[n for n, _ in named[:4]]}")
     return chosen
 
 
@@ -221,12 +303,55 @@ _LINEAR, _CONV1D, _EMBED, _NORM = "linear", "conv1d", "embedding", "layernorm"
 def _kind(m: nn.Module) -> str | None:
     if isinstance(m, nn.Linear):
         return _LINEAR
-    if type(m).__name__ == "Conv1D" and hasattr(m, "nf"):  # transformers' GPT-2 style y = x W + b
+    if _is_conv1d(m):
         return _CONV1D
     if isinstance(m, nn.Embedding):
         return _EMBED
     if isinstance(m, nn.LayerNorm):
         return _NORM
+    return None
+
+
+def _layer_params(m: nn.Module) -> list[nn.Parameter]:
+    """A supported layer's weight and bias, where they are Parameters."""
+    return [p for p in (getattr(m, "weight", None), getattr(m, "bias", None)) if isinstance(p, nn.Parameter)]
+
+
+def _is_conv1d(m: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 style y = x W + b), not torch.nn.Conv1d."""
+    return type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers") and hasattr(m, "nf")
+
+
+def _known_forwards() -> set:
+    """forward functions whose per-sample gradients are the layer algebra of the module docstring (ours multiply
+    by w_mult / b_mult, which the engine reads)."""
+    from . import model as ours
+
+    return {nn.Linear.forward, nn.Embedding.forward, nn.LayerNorm.forward, ours.Linear.forward,
+            ours.Embedding.forward}
+
+
+def _layer_issue(name: str, m: nn.Module, known: set) -> str | None:
+    """Why the parameters of a supported layer cannot be contracted layer by layer (they then come from torch.func
+    per-sample gradients), or None. Decided from the module's structure, never from a probe of a few samples.
+    Raises NTKError for an Embedding with max_norm, whose forward rewrites its own weight."""
+    where = name or "the model"
+    if isinstance(m, nn.Embedding) and m.max_norm is not None:
+        raise NTKError(
+            f"{where} is an Embedding with max_norm={m.max_norm}: its forward renormalizes rows of the weight in "
+            f"place, so the model changes its own parameters while the Gram is computed. Renormalize once and "
+            f"turn it off: with torch.no_grad(): torch.embedding_renorm_({where}.weight, "
+            f"torch.arange({m.num_embeddings}), {m.max_norm}, {m.norm_type}); {where}.max_norm = None"
+        )
+    if isinstance(m, nn.Embedding) and m.scale_grad_by_freq:
+        return (f"{where} has scale_grad_by_freq=True (its gradient is divided by how often each token occurs, "
+                f"per sample)")
+    if "forward" in vars(m):
+        return f"{where} has its forward replaced on the instance"
+    if type(m).forward not in known and not _is_conv1d(m):
+        return f"{where} is a {type(m).__qualname__}, whose forward overrides its base class's"
+    if m._forward_hooks or m._forward_pre_hooks:
+        return f"{where} has forward hooks, which may change what it computes"
     return None
 
 
@@ -278,6 +403,7 @@ class Capture:
     B: dict = field(default_factory=dict)
     tok: dict = field(default_factory=dict)
     vec: dict = field(default_factory=dict)
+    vec_abs: dict = field(default_factory=dict)  # the probe's check only: per-sample sums of |terms| of vec
 
     def items(self) -> Iterable[tuple[str, object, torch.Tensor]]:
         """(field name, key, tensor) of every factor."""
@@ -316,6 +442,7 @@ class _Recorder:
         self.taps: dict[int, torch.Tensor] = {}  # block-boundary hidden states asked for by _Engine._forward
         self.events: list[tuple[str, int, torch.Tensor | None]] = []
         self.forms: set[int | None] = set()  # probe: how the blocks return their hidden state (_out_form)
+        self.misfit: dict[tuple[int, int], str] = {}  # probe: calls whose tensors do not lead with the samples
 
     def attach(self, modules: Iterable[tuple[str, nn.Module]]):
         for name, mod in modules:
@@ -339,13 +466,16 @@ class _Recorder:
             use = self.by_module.get(id(mod), {}).get(k)
             if use is None and not self.probe:
                 return
-            x = args[0]
-            if x.shape[0] != self.m or out.shape[0] != self.m:
-                raise NTKError(
-                    f"layer {name} saw a batch of {x.shape[0]} for {self.m} samples: the engine needs every layer to "
-                    f"carry the sample dimension first (samples must not be mixed or broadcast)"
-                )
             key = (id(mod), k)
+            x = args[0] if args and isinstance(args[0], torch.Tensor) else None
+            if x is None or x.dim() == 0 or x.shape[0] % self.m or out.shape[0] != x.shape[0]:
+                shape = "no positional tensor" if x is None else f"input {tuple(x.shape)}"
+                why = (f"{name} does not lead with the sample dimension ({shape}, output {tuple(out.shape)} for "
+                       f"{self.m} samples)")
+                if not self.probe:
+                    raise NTKError(why)
+                self.misfit[key] = why
+                return
             self.inputs[key] = x.detach()
             if self.probe or out.grad_fn is None:
                 self.outputs[key] = out
@@ -528,6 +658,7 @@ class _Engine:
         self.selected = selected
         self.cap_dtype = {"fp64": torch.float64, "bf16": torch.bfloat16}.get(precision, torch.float32)
         self.stats: dict | None = None
+        self.fallback_by_loop: bool | None = None  # fallback_jacobian's way, chosen on its first chunk
         self.blocks: list[nn.Module] | None = None
         self.block_out_form: int | None = None
         self.skip_prefix = False  # segmented runs may start from cached hidden states (checked by the probe)
@@ -697,36 +828,80 @@ class _Engine:
 
         return hook
 
-    def discover(self, X):
+    def discover(self, X, budget: int | None = None):
         """`_discover`, remembered per (model, parameters, output, input shape, precision): a model's layer
-        structure is probed once, as a compiler would trace it once. `clear_cache()` after changing a model."""
+        structure is probed once, as a compiler would trace it once. `clear_cache()` after changing a model.
+        Raises NTKError when the probe's own forward/backward pass cannot fit `budget` bytes."""
         sig = tuple((k, v.dtype, tuple(v.shape[1:])) for k, v in (X.items() if isinstance(X, Mapping) else [("", X)]))
         key = (tuple(id(p) for _, p in self.selected), self.output, sig, self.precision)
         per_model = _DISCOVERED.setdefault(self.model, {})
         if key not in per_model:
+            self._probe_fits(X, _default_budget(self.device) if budget is None else budget)
             self._discover(X)
             per_model[key] = {k: getattr(self, k) for k in self._DISCOVERED_ATTRS}
         else:
             for k, v in per_model[key].items():
                 setattr(self, k, v)
             if self.fallback:
-                _warn_fallback([n for n, _ in self.fallback])
+                _warn_fallback(self.fallback_reasons)
         return self.uses
 
-    _DISCOVERED_ATTRS = ("uses", "fallback", "graph_bytes_per_sample", "C", "blocks", "seg_graph", "seg_flops",
-                         "h_bytes", "h_full", "block_out_form", "skip_prefix", "scalar_output")
+    _DISCOVERED_ATTRS = ("uses", "fallback", "fallback_reasons", "graph_bytes_per_sample", "C", "blocks",
+                         "seg_graph", "seg_flops", "h_bytes", "h_full", "block_out_form", "skip_prefix",
+                         "scalar_output")
+
+    def _probe_fits(self, X, budget: int, lengths: tuple[int, ...] = (64, 128, 256)) -> None:
+        """Before probing long sequences (T > 2 * lengths[-1]), the autograd graph of one sample, fitted as
+        a + b T + c T^2 (attention is quadratic) from the same sample cut to `lengths`, must fit the budget for
+        the probe's few samples; else NTKError with the bytes needed. Models that cannot run cut inputs are not
+        estimated (their probe then fails, if it does, as one NTKError)."""
+        seqs = [v for v in ([X] if isinstance(X, torch.Tensor) else X.values()) if v.dim() >= 2]
+        T = seqs[0].shape[1] if seqs else 0
+        if T <= 2 * lengths[-1] or any(v.shape[1] != T for v in seqs):
+            return
+        sizes = []
+        for t in lengths:
+            cut = X[:1, :t] if isinstance(X, torch.Tensor) else {k: v[:1, :t] if v.dim() >= 2 else v[:1]
+                                                                  for k, v in X.items()}
+            saved = [0]
+
+            def pack(x, saved=saved):
+                saved[0] += x.numel() * x.element_size()
+                return x
+
+            try:
+                with _precision_mode(self.precision, self.device), torch.enable_grad(), \
+                        torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+                    _call(self.model, _take(cut, [0], self.device), self.output)
+            except Exception:
+                return
+            sizes.append(saved[0])
+        coef = torch.linalg.solve(torch.tensor([[1.0, t, t * t] for t in lengths], dtype=torch.float64),
+                                  torch.tensor(sizes, dtype=torch.float64))
+        need = float(coef @ torch.tensor([1.0, T, T * T], dtype=torch.float64))
+        m = len(_probe_rows(self.model, X))
+        if GRAPH_MARGIN * m * need > budget:
+            raise NTKError(
+                f"one sample of length T={T} needs ~{need / 2**30:.1f} GiB for its forward/backward pass (fitted "
+                f"from T={', '.join(map(str, lengths))}); the probe's {m} samples need "
+                f"~{GRAPH_MARGIN * m * need / 2**30:.1f} GiB, over the memory budget of {budget / 2**30:.1f} GiB: "
+                f"shorten the inputs or raise max_memory"
+            )
 
     def _discover(self, X):
-        """Probe on the first samples: find the uses of the selected parameters, their shapes, graph memory,
-        and the model's block structure (segments) when it has one."""
-        m = min(2, _n(X))
-        x = _slice(X, 0, m, self.device)
+        """Probe a few samples: find the uses of the selected parameters, their shapes, graph memory, and the
+        model's block structure (segments) when it has one. Parameters of layers whose structure the layer
+        algebra does not model (_layer_issue), or whose implied gradient differs from autograd's, go to the
+        torch.func reference path, with a warning that names why."""
+        idx = _probe_rows(self.model, X)
+        m = len(idx)
+        x = _take(X, idx, self.device)
         T_in = x.shape[1] if isinstance(x, torch.Tensor) and x.dim() >= 2 else 0
         sel = {id(p) for _, p in self.selected}
         self.blocks = _find_blocks(self.model)
         L = len(self.blocks or [])
         seg_bytes = [0.0] * (L + 2)
-        seen_ptr = set()
+        seen_ptr, narrow = set(), []
 
         def pack(t):
             # Only tensors that carry the sample dimension grow with the chunk (not weights or their casts).
@@ -734,70 +909,134 @@ class _Engine:
             if key not in seen_ptr and t.dim() >= 1 and t.shape[0] in (m, m * T_in):
                 seen_ptr.add(key)
                 seg_bytes[self._probe_rec.segment] += t.numel() * t.element_size()
+            if self.precision == "fp64" and t.is_floating_point() and t.dtype != torch.float64 and not narrow:
+                narrow.append(t)
             return t
 
         rec, f = self._forward(x, [], m, probe=True, saved=(pack, lambda t: t))
+        if narrow:
+            _warn(f"precision='fp64', but the model computes part of its forward in {narrow[0].dtype} (its autograd "
+                  f"graph saves a {narrow[0].dtype} tensor of shape {tuple(narrow[0].shape)}; transformers' GPT-Neo, "
+                  f"for one, casts its attention scores to fp32): the Gram is exact for this function, whose values "
+                  f"carry that dtype's rounding")
         self.C = f.shape[1]
         self.graph_bytes_per_sample = sum(seg_bytes) / m
         self.seg_graph = [b / m for b in seg_bytes]
         self._check_blocks(rec, m)
         self.seg_flops = [0.0] * (L + 2)
         for _, mod, k in rec.seen:  # forward flops per sample and segment (linear layers)
-            if _kind(mod) in (_LINEAR, _CONV1D):
-                key = (id(mod), k)
+            key = (id(mod), k)
+            if _kind(mod) in (_LINEAR, _CONV1D) and key in rec.outputs:
                 self.seg_flops[rec.segment_of[key]] += 2.0 * rec.outputs[key].numel() / m * rec.inputs[key].shape[-1]
+        reasons = self._structural_reasons(sel)
+        for id_p, why in self._layout_reasons(rec, f, m, sel).items():
+            reasons.setdefault(id_p, why)
+        uses = self._uses(rec, m, sel, set(reasons))
+        params = [p for _, p in self.selected]
+        grads = torch.autograd.grad(f[:, 0].sum(), params, allow_unused=True, retain_graph=True)
+        cap = self._factors(rec, uses, f, m, columns=[0], magnitudes=True)
+        for (name, p), g in zip(self.selected, grads):  # implied vs autograd gradients on the probe rows
+            if id(p) not in reasons and not self._implied_matches(uses, cap, p, g):
+                used = any(p is u.weight or p is u.bias for u in uses)
+                reasons[id(p)] = (f"{name} is also used outside its layer" if used else
+                                  f"{name} is not a parameter of a layer the engine contracts ({_CONTRACTED})")
+        del cap, grads
+        if reasons:
+            uses = [u for u in (self._without(u, reasons) for u in uses) if u.weight is not None or u.bias is not None]
+            _warn_fallback(reasons.values())
+        self.uses = uses
+        self.fallback = [(n, p) for n, p in self.selected if id(p) in reasons]
+        self.fallback_reasons = list(dict.fromkeys(reasons.values()))
+        if self.blocks is not None and uses and not self._check_segmented(x, uses, m):
+            self.blocks = None
+        return uses
+
+    def _structural_reasons(self, sel: set) -> dict[int, str]:
+        """{id(parameter): why} for the selected parameters of layers _layer_issue refuses."""
+        known, reasons = _known_forwards(), {}
+        for name, mod in self.model.named_modules():
+            if _kind(mod) is None:
+                continue
+            ps = [p for p in _layer_params(mod) if id(p) in sel]
+            why = _layer_issue(name, mod, known) if ps else None
+            for p in ps if why else []:
+                reasons.setdefault(id(p), why)
+        return reasons
+
+    @staticmethod
+    def _layout_reasons(rec: _Recorder, f: torch.Tensor, m: int, sel: set) -> dict[int, str]:
+        """{id(parameter): why} for selected parameters of layer calls whose rows are not grouped by sample: the
+        call's tensors do not lead with the samples (rec.misfit), or the gradient of one sample's outputs reaches
+        rows of another sample's block (a (T, n, ...) layout flattened, or samples mixed). Layers may flatten
+        samples and tokens sample-major ((n T, d), as OPT's MLP does): that passes."""
+        why = dict(rec.misfit)
+        calls = [(name, mod, k) for name, mod, k in rec.seen if (id(mod), k) in rec.outputs]
+        calls = [c for c in calls if any(id(p) in sel for p in _layer_params(c[1]))]
+        outs = [rec.outputs[(id(mod), k)] for _, mod, k in calls]
+        live = [i for i, o in enumerate(outs) if o.requires_grad]
+        for j in sorted({0, m - 1}) if live else []:
+            gs = torch.autograd.grad(f[j].sum(), [outs[i] for i in live], retain_graph=True, allow_unused=True)
+            for i, g in zip(live, gs):
+                name, mod, k = calls[i]
+                if g is not None and m > 1 and torch.cat([g.reshape(m, -1)[:j], g.reshape(m, -1)[j + 1 :]]).any():
+                    why.setdefault((id(mod), k), f"{name} does not keep each sample's rows apart (output "
+                                                 f"{tuple(g.shape)} for {m} samples)")
+        mods = {(id(mod), k): mod for _, mod, k in rec.seen}
+        return {id(p): text for key, text in why.items() for p in _layer_params(mods[key]) if id(p) in sel}
+
+    def _uses(self, rec: _Recorder, m: int, sel: set, routed: set) -> list[Use]:
+        """The probe's record as uses of the selected (and not routed) parameters, in call order."""
         uses, first_x = [], {}
         for name, mod, k in rec.seen:
+            if (id(mod), k) in rec.misfit:
+                continue
             kind = _kind(mod)
-            w = mod.weight if getattr(mod, "weight", None) is not None and id(mod.weight) in sel else None
-            b = mod.bias if getattr(mod, "bias", None) is not None and id(mod.bias) in sel else None
+            w, b = getattr(mod, "weight", None), getattr(mod, "bias", None)
+            w = w if isinstance(w, nn.Parameter) and id(w) in sel and id(w) not in routed else None
+            b = b if isinstance(b, nn.Parameter) and id(b) in sel and id(b) not in routed else None
             if w is None and b is None:
                 continue
             xin, out = rec.inputs[(id(mod), k)], rec.outputs[(id(mod), k)]
             u = Use(name, mod, k, kind, w, b, float(getattr(mod, "w_mult", 1.0)), float(getattr(mod, "b_mult", 1.0)))
-            u.T = _flat(out, m).shape[1]
-            u.d_out = out.shape[-1]
+            width = math.prod(mod.normalized_shape) if kind == _NORM else out.shape[-1]
+            u.T = out.numel() // (m * width)
+            u.d_out = width
             u.d_in = 1 if kind == _EMBED else xin.shape[-1]
             u.segment = rec.segment_of[(id(mod), k)]
             if w is not None and kind in (_LINEAR, _CONV1D):  # layers fed the same tensor store it once
                 u.shares_x = first_x.setdefault(_storage(xin), u.label)
                 u.shares_x = "" if u.shares_x == u.label else u.shares_x
             uses.append(u)
-        # Check: the per-sample gradients the layers imply sum to autograd's batch gradient; a parameter that
-        # is also used outside its module (F.linear(x, mod.weight), ...) fails and falls back to torch.func.
-        params = [p for _, p in self.selected]
-        grads = torch.autograd.grad(f[:, 0].sum(), params, allow_unused=True, retain_graph=True)
-        cap = self._factors(rec, uses, f, m, columns=[0])
-        parts: dict[int, list[Callable[[], torch.Tensor]]] = {}  # each parameter's implied gradient, in parts
-        for u in uses:
-            if u.weight is not None and u.kind != _NORM:
-                parts.setdefault(id(u.weight), []).append(lambda u=u: self._weight_sum(u, cap))
-            for p, v in self._vector_grads(u, cap):
-                parts.setdefault(id(p), []).append(lambda v=v: v.double().sum(0))
-        fallback = []
-        for (name, p), g in zip(self.selected, grads):  # one fp64 parameter-sized buffer at a time
-            implied = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
-            for part in parts.get(id(p), []):
-                implied += part().reshape(p.shape)
-            ref = torch.zeros_like(implied) if g is None else g.double()
-            scale = ref.abs().max().item() + implied.abs().max().item()
-            tol = CHECK_TOL[self.precision] * max(scale, 1e-30)
-            if (implied - ref).abs().max().item() > tol:
-                fallback.append(name)
-            del implied, ref
-        bad = {id(p) for n, p in self.selected if n in fallback}
-        if bad:
-            for u in uses:
-                if u.weight is not None and id(u.weight) in bad:
-                    u.weight = None
-                if u.bias is not None and id(u.bias) in bad:
-                    u.bias = None
-            uses = [u for u in uses if u.weight is not None or u.bias is not None]
-            _warn_fallback(fallback)
-        self.uses, self.fallback = uses, [(n, p) for n, p in self.selected if n in fallback]
-        if self.blocks is not None and uses and not self._check_segmented(x, uses, m):
-            self.blocks = None
         return uses
+
+    @staticmethod
+    def _without(u: Use, routed: dict) -> Use:
+        if u.weight is not None and id(u.weight) in routed:
+            u.weight = None
+        if u.bias is not None and id(u.bias) in routed:
+            u.bias = None
+        return u
+
+    def _implied_matches(self, uses: list[Use], cap: Capture, p: nn.Parameter, g: torch.Tensor | None) -> bool:
+        """Whether the per-sample gradients the layers imply for p sum to autograd's batch gradient g of output 0.
+
+        The tolerance is relative to the sum of the terms' magnitudes, the scale of a sum's rounding error, so a
+        gradient that cancels to zero (a key-projection bias, which softmax ignores) passes as it should, while a
+        parameter also used outside its layers (F.linear(x, mod.weight)) fails by O(1). One fp64 parameter-sized
+        buffer pair at a time."""
+        implied = torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+        magnitude = torch.zeros_like(implied)
+        for u in uses:
+            if u.weight is p and u.kind != _NORM:
+                implied += self._weight_sum(u, cap).reshape(p.shape)
+                magnitude += self._weight_sum(u, cap, absolute=True).reshape(p.shape)
+            for q, v, size in self._vector_grads(u, cap, magnitudes=True):
+                if q is p:
+                    implied += v.double().sum(0).reshape(p.shape)
+                    magnitude += size.double().sum(0).reshape(p.shape)
+        ref = torch.zeros_like(implied) if g is None else g.double()
+        scale = max(magnitude.max().item() + ref.abs().max().item(), 1e-300)
+        return (implied - ref).abs().max().item() <= CHECK_TOL[self.precision] * scale
 
     def _check_blocks(self, rec: _Recorder, m: int) -> None:
         """Keep self.blocks only if the probe ran them once each, in order, as a chain of hidden states."""
@@ -913,26 +1152,31 @@ class _Engine:
             del rec, f, hs
         return grads, hidden
 
-    def _weight_sum(self, u: Use, cap: Capture) -> torch.Tensor:
-        """sum_i G_i of a use's weight, fp64, in the parameter's layout (a check of the capture)."""
+    def _weight_sum(self, u: Use, cap: Capture, absolute: bool = False) -> torch.Tensor:
+        """sum_i G_i of a use's weight, fp64, in the parameter's layout (a check of the capture); absolute: the
+        same sum of |terms| (the scale of its rounding error)."""
+        mag = torch.abs if absolute else (lambda t: t)
         if u.kind == _EMBED:
-            tok, D = cap.tok[u.label], cap.B[u.label].double()
+            tok, D = cap.tok[u.label], mag(cap.B[u.label].double())
             G = torch.zeros(u.weight.shape, dtype=torch.float64, device=D.device)
             G.index_add_(0, tok.reshape(-1), D.reshape(-1, D.shape[-1]))
-            return u.w_mult * G
-        A, B = cap.A[u.label].double(), cap.B[u.label].double()
-        return u.w_mult * torch.einsum("mtr,mtc->rc", A, B)
+            return abs(u.w_mult) * G if absolute else u.w_mult * G
+        A, B = mag(cap.A[u.label].double()), mag(cap.B[u.label].double())
+        return (abs(u.w_mult) if absolute else u.w_mult) * torch.einsum("mtr,mtc->rc", A, B)
 
-    def _vector_grads(self, u: Use, cap: Capture):
-        out = []
-        if u.bias is not None:
-            out.append((u.bias, cap.vec[(u.label, "bias")]))
-        if u.kind == _NORM and u.weight is not None:
-            out.append((u.weight, cap.vec[(u.label, "weight")]))
-        return out
+    @staticmethod
+    def _vector_grads(u: Use, cap: Capture, magnitudes: bool = False) -> list[tuple]:
+        """(parameter, per-sample gradients) of a use's vector parameters; magnitudes: + their sums of |terms|."""
+        keys = [(u.bias, "bias")] if u.bias is not None else []
+        keys += [(u.weight, "weight")] if u.kind == _NORM and u.weight is not None else []
+        if magnitudes:
+            return [(p, cap.vec[(u.label, k)], cap.vec_abs[(u.label, k)]) for p, k in keys]
+        return [(p, cap.vec[(u.label, k)]) for p, k in keys]
 
-    def _factors(self, rec: _Recorder, uses: list[Use], f, m: int, columns=None, root=None) -> Capture:
+    def _factors(self, rec: _Recorder, uses: list[Use], f, m: int, columns=None, root=None,
+                 magnitudes: bool = False) -> Capture:
         """Backward per output column; returns the factors of every use (virtual samples ordered i*C + c).
+        magnitudes: also the sums of |terms| of the vector gradients (Capture.vec_abs, for the probe's check).
 
         root=(h, g): backpropagate from a block boundary h (m, ...) with its cached gradient g (m, C, ...)
         instead of from the output f.
@@ -956,20 +1200,25 @@ class _Engine:
         xs: dict[tuple, torch.Tensor] = {}  # one stored copy of an input several layers read (q/k/v projections)
         for i, (u, key) in enumerate(zip(uses, keys)):
             Dl, Ds[i] = Ds[i], None  # a layer's output-gradient is freed once its factors are stored
-            D = _flat(Dl[0], m) if C == 1 else torch.stack([_flat(d, m) for d in Dl], 1).reshape(m * C, -1, u.d_out)
+            D = Dl[0].reshape(m, -1, u.d_out)
+            D = D if C == 1 else torch.stack([d.reshape(m, -1, u.d_out) for d in Dl], 1).reshape(m * C, -1, u.d_out)
             x = rec.inputs[key]
             if u.kind == _EMBED:
                 tok = x.reshape(m, -1)[:, None, :].expand(m, C, -1).reshape(m * C, -1)
+                if u.module.padding_idx is not None:  # torch gives the padding row no gradient
+                    D = D.masked_fill((tok == u.module.padding_idx)[..., None], 0)
                 if u.weight is not None:
                     cap.tok[u.label], cap.B[u.label] = tok, D.to(dt)
                 continue
             X = _flat(x, m)
             if u.kind == _NORM:
-                xhat = _flat(_norm_hat(u.module, x), m)
+                xhat = _norm_hat(u.module, x).reshape(m, -1, u.d_out)
                 Xv = xhat[:, None].expand(m, C, *xhat.shape[1:]).reshape(m * C, *xhat.shape[1:])
                 if u.weight is not None:
                     vt = self._vec_dtype()
                     cap.vec[(u.label, "weight")] = (D.to(vt) * Xv.to(vt)).sum(1)
+                    if magnitudes:
+                        cap.vec_abs[(u.label, "weight")] = (D.to(vt) * Xv.to(vt)).abs().sum(1)
             elif u.weight is not None:
                 sig = _storage(x)
                 if sig not in xs:
@@ -980,6 +1229,8 @@ class _Engine:
             if u.bias is not None:
                 g = D.sum(1, dtype=self._vec_dtype())
                 cap.vec[(u.label, "bias")] = g if u.b_mult == 1.0 else g.mul_(u.b_mult)
+                if magnitudes:
+                    cap.vec_abs[(u.label, "bias")] = D.abs().sum(1, dtype=self._vec_dtype()) * abs(u.b_mult)
         return cap
 
     def _vec_dtype(self):
@@ -1124,6 +1375,39 @@ class _Engine:
         return self._dense_pair(cI.A[lu], cI.B[lu], cJ.A[lv], cJ.B[lv], same)
 
     # ---- torch.func per-sample gradients (fallback parameters, and the `func` reference)
+    def fallback_jacobian(self, X, lo, hi, chunk) -> torch.Tensor:
+        """Per-sample gradients (m C, P) of the fallback parameters: torch.func where it can run the model, else
+        one backward pass per sample and output (data-dependent control flow such as transformers' padding-mask
+        checks, activation checkpointing), said once in a warning."""
+        if self.fallback_by_loop is None:
+            try:
+                J = self.func_jacobian(X, lo, min(hi, lo + chunk), self.fallback, chunk)
+            except RuntimeError as e:
+                self.fallback_by_loop = True
+                _warn(f"torch.func cannot run this model ({str(e).splitlines()[0][:160]}); the fallback parameters' "
+                      f"per-sample gradients come from one backward pass per sample and output instead")
+            else:
+                self.fallback_by_loop = False
+                rest = self.func_jacobian(X, lo + chunk, hi, self.fallback, chunk) if hi > lo + chunk else None
+                return J if rest is None else torch.cat([J, rest])
+        if self.fallback_by_loop:
+            return self.loop_jacobian(X, lo, hi, self.fallback)
+        return self.func_jacobian(X, lo, hi, self.fallback, chunk)
+
+    def loop_jacobian(self, X, lo, hi, named) -> torch.Tensor:
+        """Per-sample gradients (m C, P) of the parameters `named`, one sample and one output at a time."""
+        params = [p for _, p in named]
+        rows = []
+        for i in _bar_iter(range(lo, hi), self.progress and hi - lo > 16):
+            x = _slice(X, i, i + 1, self.device)
+            with _precision_mode(self.precision, self.device):
+                f = _call(self.model, x, self.output).reshape(-1)
+            for c in range(f.shape[0]):
+                gs = torch.autograd.grad(f[c], params, retain_graph=c < f.shape[0] - 1, allow_unused=True)
+                rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1)
+                                       for g, p in zip(gs, params)]))
+        return torch.stack(rows)
+
     def func_jacobian(self, X, lo, hi, named, chunk) -> torch.Tensor:
         """Per-sample gradients (m C, P) of the parameters `named` via torch.func (vmap of jacrev)."""
         from torch.func import functional_call, jacrev, vmap
@@ -1150,7 +1434,7 @@ class _Engine:
 
 def _call_functional(functional_call, model, state, x, output):
     out = functional_call(model, state, (), x) if isinstance(x, Mapping) else functional_call(model, state, (x,))
-    return _as_output(output(out) if output is not None else out)
+    return _apply_output(output, out, x)
 
 
 def _plan(eng: _Engine, n: int, n2: int, symmetric: bool, budget: int, block_size: int | None) -> Plan:
@@ -1315,15 +1599,13 @@ def ntk(
         raise NTKError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if strategy not in STRATEGIES:
         raise NTKError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
-    _check_model(model)
-    n = _check_inputs(model, X, "X")
-    n2 = n if X2 is None else _check_inputs(model, X2, "X2")
-    device = next(model.parameters()).device
-    model = _in_precision(model, precision)
-    selected = select_params(model, params)
-    eng = _Engine(model, output, selected, precision, strategy, progress, device)
+    model, selected, X, X2 = _prepare(model, X, X2, params, precision)
+    n = _n(X)
+    n2 = n if X2 is None else _n(X2)
+    eng = _Engine(model, output, selected, precision, strategy, progress, _device(model))
     eng.stats = stats
-    with _matmul_flags(precision):  # backward passes and contractions too, not only the forward
+    # backward passes and contractions too, not only the forward, run at the precision's matmul flags
+    with _matmul_flags(precision), _differentiable([p for _, p in selected]), _torch_errors():
         if strategy in ("loop", "func"):
             K = _reference(eng, X, X2, n, n2, strategy)
         else:
@@ -1337,6 +1619,72 @@ def ntk(
     if normalize:
         K = K / (_width(model) if normalize is True else float(normalize))
     return K.to(torch.float64 if precision == "fp64" else torch.float32).contiguous()
+
+
+def _prepare(model: nn.Module, X: Inputs, X2: Inputs | None, params, precision: str):
+    """Checks, then (model in the precision's dtype, its selected (name, parameter)s, X, X2 in the model's dtype).
+
+    Parameters are selected on the caller's model and carried to a converted copy by name; floating inputs
+    follow the model's conversion (fp32 inputs of an fp32 model become fp64 with it)."""
+    _check_model(model)
+    _check_inputs(model, X, "X")
+    if X2 is not None:
+        _check_inputs(model, X2, "X2")
+    names = [name for name, _ in select_params(model, params)]
+    before = next(model.parameters()).dtype
+    model = _in_precision(model, precision)
+    after = next(model.parameters()).dtype
+    by_name = dict(model.named_parameters())
+    return model, [(name, by_name[name]) for name in names], _as_dtype(X, before, after), _as_dtype(X2, before, after)
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _as_dtype(X: Inputs | None, before: torch.dtype, after: torch.dtype) -> Inputs | None:
+    """Floating tensors of dtype `before` converted to `after` (the model's conversion); others as they are."""
+    if X is None or before == after:
+        return X
+    if isinstance(X, torch.Tensor):
+        return X.to(after) if X.dtype == before else X
+    return {k: (v.to(after) if isinstance(v, torch.Tensor) and v.dtype == before else v) for k, v in X.items()}
+
+
+@contextlib.contextmanager
+def _differentiable(params: list[nn.Parameter]):
+    """Selected parameters require grad for the call (a frozen backbone's too: the NTK is a property of f and of
+    the chosen parameters, not of which ones a training loop updates); restored afterwards."""
+    frozen = [p for p in params if not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
+@contextlib.contextmanager
+def _torch_errors():
+    """torch's errors for reentrant activation checkpointing and for allocations that fail, as one NTKError."""
+    try:
+        yield
+    except RuntimeError as e:
+        text = str(e)
+        if "use_reentrant=True" in text or "incompatible with .grad()" in text:
+            raise NTKError(
+                "the model uses reentrant activation checkpointing (torch.utils.checkpoint with use_reentrant=True), "
+                "which torch.autograd.grad cannot differentiate; use use_reentrant=False (transformers: "
+                "model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})), or "
+                "turn it off (transformers checkpoints only in training mode: model.eval())"
+            ) from e
+        if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in text:
+            raise NTKError(
+                f"out of memory ({text.splitlines()[0][:200]}); pass a smaller max_memory, fewer params, shorter "
+                f"inputs, or precision='bf16'"
+            ) from e
+        raise
 
 
 def _in_precision(model: nn.Module, precision: str) -> nn.Module:
@@ -1359,9 +1707,9 @@ def _width(model: nn.Module) -> int:
 
 def _layerwise(eng: _Engine, X, X2, n, n2, max_memory, block_size) -> torch.Tensor:
     start = time.perf_counter()
-    eng.discover(X)
     symmetric = X2 is None
     budget = int(max_memory) if max_memory is not None else _default_budget(eng.device)
+    eng.discover(X, budget)
     plan = _plan(eng, n, n2, symmetric, budget, block_size)
     eng.plan = plan
     eng.kernel_budget = max(1, int(plan.workspace // 24))  # ~3 intermediates of 8-byte elements
@@ -1409,11 +1757,11 @@ def _layerwise(eng: _Engine, X, X2, n, n2, max_memory, block_size) -> torch.Tens
             del cI
     if eng.fallback:
         for i, (a, b) in enumerate(rows):
-            JI = eng.func_jacobian(X, a, b, eng.fallback, plan.chunk)
+            JI = eng.fallback_jacobian(X, a, b, plan.chunk)
             for j, (c, d) in enumerate(cols):
                 if symmetric and j < i:
                     continue
-                JJ = JI if symmetric and i == j else eng.func_jacobian(XJ, c, d, eng.fallback, plan.chunk)
+                JJ = JI if symmetric and i == j else eng.fallback_jacobian(XJ, c, d, plan.chunk)
                 K[a * C : b * C, c * C : d * C] += JI.double() @ JJ.double().T
                 bar.update(1)
     bar.close()
@@ -1435,20 +1783,13 @@ def _reference(eng: _Engine, X, X2, n, n2, strategy) -> torch.Tensor:
     eng.C = 1 if probe.dim() == 1 else probe.shape[1]
 
     def jac(Xs, m):
-        if strategy == "func":
+        if strategy == "loop":
+            return eng.loop_jacobian(Xs, 0, m, eng.selected)
+        try:
             return eng.func_jacobian(Xs, 0, m, eng.selected, 8)
-        params = [p for _, p in eng.selected]
-        rows = []
-        for i in _bar_iter(range(m), eng.progress and m > 16):
-            x = _slice(Xs, i, i + 1, eng.device)
-            with _precision_mode(eng.precision, eng.device):
-                f = _call(eng.model, x, eng.output).reshape(-1)
-            for c in range(f.shape[0]):
-                gs = torch.autograd.grad(f[c], params, retain_graph=c < f.shape[0] - 1, allow_unused=True)
-                rows.append(
-                    torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, params)])
-                )
-        return torch.stack(rows)
+        except RuntimeError as e:
+            raise NTKError(f"strategy='func': torch.func cannot run this model ({str(e).splitlines()[0][:160]}); "
+                           f"strategy='loop' computes the same reference one backward pass at a time") from e
 
     J = jac(X, n)
     J2 = J if X2 is None else jac(X2, n2)
@@ -1489,12 +1830,12 @@ def plan(
     block_size: int | None = None,
 ) -> Plan:
     """The tiling plan `ntk` would use (layer groups, sample blocks, memory, flops), without the Gram."""
-    device = next(model.parameters()).device
-    model = _in_precision(model, precision)
-    eng = _Engine(model, output, select_params(model, params), precision, "auto", False, device)
-    with _matmul_flags(precision):
-        eng.discover(X)
+    model, selected, X, X2 = _prepare(model, X, X2, params, precision)
+    device = _device(model)
+    eng = _Engine(model, output, selected, precision, "auto", False, device)
+    budget = int(max_memory) if max_memory is not None else _default_budget(device)
+    with _matmul_flags(precision), _differentiable([p for _, p in selected]), _torch_errors():
+        eng.discover(X, budget)
     n = _n(X)
     n2 = n if X2 is None else _n(X2)
-    budget = max_memory if max_memory is not None else _default_budget(device)
-    return _plan(eng, n, n2, X2 is None, int(budget), block_size)
+    return _plan(eng, n, n2, X2 is None, budget, block_size)

@@ -60,3 +60,21 @@ def make_gpt_neo_checkpoint(folder, vocab=61, positions=16, d=32, layers=2, head
             p.normal_(0.0, std)
     hf.save_pretrained(folder)
     return folder, hf
+
+
+def gpt_neo_scores_in_model_dtype(monkeypatch):
+    """transformers' GPT-Neo with attention scores in the model's dtype: its own code casts q and k to fp32 even
+    in an fp64 model, which our decoder does not (fp64 stays fp64), so fp64 comparisons need the cast removed."""
+    import torch.nn.functional as F
+    from transformers.models.gpt_neo import modeling_gpt_neo as neo
+
+    def attn(self, query, key, value, attention_mask=None):
+        w = query @ key.transpose(-1, -2)
+        q_len, k_len = query.size(-2), key.size(-2)
+        w = torch.where(self.bias[:, :, k_len - q_len : k_len, :k_len], w, torch.finfo(w.dtype).min)
+        if attention_mask is not None:
+            w = w + attention_mask
+        w = F.softmax(w, dim=-1).to(value.dtype)
+        return w @ value, w
+
+    monkeypatch.setattr(neo.GPTNeoSelfAttention, "_attn", attn)

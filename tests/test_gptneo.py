@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import make_gpt_neo_checkpoint
+from conftest import gpt_neo_scores_in_model_dtype, make_gpt_neo_checkpoint
 from transformers import GPTNeoForCausalLM
 
 from minintk.gptneo import CheckpointError, load_gpt_neo, load_tokenizer, save_gpt_neo
@@ -20,7 +20,9 @@ CONFIGS = [  # (vocab, positions, d, layers, heads, window, T, batch)
 
 @pytest.mark.parametrize("c", CONFIGS, ids=lambda c: f"d{c['d']}-L{c['layers']}-H{c['heads']}-w{c['window']}")
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-10)])
-def test_logits_match_transformers(tmp_path, c, dtype, tol):
+def test_logits_match_transformers(tmp_path, monkeypatch, c, dtype, tol):
+    if dtype == torch.float64:
+        gpt_neo_scores_in_model_dtype(monkeypatch)
     folder, hf = make_gpt_neo_checkpoint(
         tmp_path,
         vocab=c["vocab"],
@@ -38,12 +40,13 @@ def test_logits_match_transformers(tmp_path, c, dtype, tol):
     assert ref.abs().max() > 1.0, "logits too small to make the comparison discriminating"
 
 
-def test_fp64_scores_without_gpt_neo_cast_differ_only_at_fp32_level(tiny_gpt_neo):
+def test_fp64_stays_fp64_where_gpt_neo_narrows_its_scores(tiny_gpt_neo):
+    """Our fp64 decoder computes its attention scores in fp64; transformers' GPT-Neo casts them to fp32, so the two
+    differ at fp32 level, not at fp64's."""
     folder, hf = tiny_gpt_neo
     x = torch.randint(0, 61, (2, 16))
     ref = hf.double()(x).logits
-    pure = load_gpt_neo(folder, dtype=torch.float64, attn_scores_fp32=False)
-    err = (pure(x) - ref).abs().max().item()
+    err = (load_gpt_neo(folder, dtype=torch.float64)(x) - ref).abs().max().item()
     assert 1e-13 < err < 1e-5, f"fp64 scores should differ from GPT-Neo's fp32 scores at fp32 level, got {err:.2e}"
 
 
