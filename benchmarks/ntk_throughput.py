@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-import minintk.ntk
+import minintk.engine
 from minintk import Decoder
 from minintk.config import gpt_neo_config
-from minintk.ntk import ntk
+from minintk.engine import ntk
 
 LABELS = (352, 2089)  # two label-word ids (any pair: cost does not depend on them)
 
@@ -120,14 +120,14 @@ def check_segmented(m, X, ref) -> list[dict]:
     """fp64 segmented plans on the GPU: the boundary cache on the device, then in pinned host memory (a budget
     and free copies that make the planner choose each), against the same fp64 reference."""
     rows = []
-    old = minintk.ntk.HOST_BYTES_PER_S
+    old = minintk.engine.HOST_BYTES_PER_S
     for host in (False, True):
-        minintk.ntk.HOST_BYTES_PER_S = 1e18 if host else 1.0  # copies free, or too dear to choose
+        minintk.engine.HOST_BYTES_PER_S = 1e18 if host else 1.0  # copies free, or too dear to choose
         for k in range(60):
             budget = int(256e6 * 0.85**k)
             try:
-                p = minintk.ntk.plan(m, X, precision="fp64", max_memory=budget)
-            except minintk.ntk.NTKError:
+                p = minintk.engine.plan(m, X, precision="fp64", max_memory=budget)
+            except minintk.engine.NTKError:
                 break
             if p.segmented and p.host_cache == host and len(p.groups) > 1:
                 K = ntk(m, X, precision="fp64", max_memory=budget, progress=False)
@@ -135,7 +135,7 @@ def check_segmented(m, X, ref) -> list[dict]:
                 rows.append({"method": label, "precision": "fp64", "rel_err_vs_fp64_func": rel(K, ref)})
                 print(f"check {label}: {p}; rel err {rows[-1]['rel_err_vs_fp64_func']:.2e}", flush=True)
                 break
-    minintk.ntk.HOST_BYTES_PER_S = old
+    minintk.engine.HOST_BYTES_PER_S = old
     return rows
 
 
@@ -154,18 +154,18 @@ def main() -> None:
     ap.add_argument("--cases", default="", help="comma list size:n:T, replacing the default grid")
     ap.add_argument("--skip", default="", help="comma list size:n:method to skip, e.g. 1.3B:1024:loop")
     ap.add_argument("--ghost-backend", default=None, choices=["triton", "blocked"],
-                    help="ghost/embedding contractions on CUDA (minintk.ntk.CUDA_GHOST_BACKEND; default: its value)")
+                    help="ghost/embedding contractions on CUDA (minintk.engine.CUDA_GHOST_BACKEND; default: its value)")
     ap.add_argument("--memory-fraction", type=float, default=None,
-                    help="default budget as a fraction of free GPU memory (minintk.ntk.BUDGET_FRACTION)")
+                    help="default budget as a fraction of free GPU memory (minintk.engine.BUDGET_FRACTION)")
     ap.add_argument("--max-memory", type=float, default=None, help="GiB: minintk's memory budget (max_memory)")
     args = ap.parse_args()
     global MAX_MEMORY
     if args.max_memory:
         MAX_MEMORY = int(args.max_memory * 2**30)
     if args.memory_fraction:
-        minintk.ntk.BUDGET_FRACTION = args.memory_fraction
+        minintk.engine.BUDGET_FRACTION = args.memory_fraction
     if args.ghost_backend:
-        minintk.ntk.CUDA_GHOST_BACKEND = args.ghost_backend
+        minintk.engine.CUDA_GHOST_BACKEND = args.ghost_backend
     sizes, ns = args.sizes.split(","), [int(v) for v in args.ns.split(",")]
     precisions, methods = args.precisions.split(","), args.methods.split(",")
     if args.quick:
@@ -189,8 +189,8 @@ def main() -> None:
         "python": platform.python_version(),
         "peaks_tflops": peaks,
         "flop_count": "6 P n T + 2 n^2 P",
-        "ghost_backend": minintk.ntk.CUDA_GHOST_BACKEND,
-        "budget_fraction": minintk.ntk.BUDGET_FRACTION,
+        "ghost_backend": minintk.engine.CUDA_GHOST_BACKEND,
+        "budget_fraction": minintk.engine.BUDGET_FRACTION,
         "max_memory_gib": args.max_memory,
     }
     out = Path(args.out)

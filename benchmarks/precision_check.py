@@ -19,8 +19,8 @@ import transformers
 from torch.func import functional_call, jacrev, vmap
 from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
+from minintk.engine import label_words, ntk
 from minintk.gptneo import load_gpt_neo
-from minintk.ntk import label_words, ntk
 
 IDS = (5, 9)
 

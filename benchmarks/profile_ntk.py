@@ -14,7 +14,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from minintk import Decoder
 from minintk.config import gpt_neo_config
-from minintk.ntk import _matmul_flags, _precision_mode, ntk
+from minintk.engine import _matmul_flags, _precision_mode, ntk
 
 
 def best_of(fn, repeats: int) -> float:

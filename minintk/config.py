@@ -1,4 +1,4 @@
-"""DecoderConfig: every architectural choice of the decoder in one validated dataclass (THEORY.md section 1)."""
+"""DecoderConfig: every architectural choice of the decoder in one validated dataclass (docs/theory.md section 1)."""
 
 from __future__ import annotations
 
@@ -105,7 +105,7 @@ class DecoderConfig:
 
     @property
     def n_outputs(self) -> int:
-        """Outputs per sample of the head (the C of THEORY section 2); 0 for the LM head."""
+        """Outputs per sample of the head (the C of docs/theory.md section 2); 0 for the LM head."""
         if self.head == "scalar" or (self.head == "label_words" and self.label_diff):
             return 1
         return {"classes": self.n_classes, "label_words": len(self.label_ids), "lm": 0}[self.head]

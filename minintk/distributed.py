@@ -1,4 +1,4 @@
-"""The NTK Gram over many GPUs and many launches: a result folder of tiles (THEORY.md section 2, blockwise).
+"""The NTK Gram over many GPUs and many launches: a result folder of tiles (docs/theory.md section 2, blockwise).
 
 The symmetric Gram K (n, n) is cut into tiles of `tile` samples; only the upper triangle (i <= j) is computed,
 diagonal tiles as ntk(model, X[I]) and the others as ntk(model, X[I], X[J]). The tiles are dealt to the ranks
@@ -16,11 +16,11 @@ so the Gram is bit-identical across world sizes (at the same memory budget: pin 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
 import os
-import re
 import shutil
 import socket
 import sys
@@ -34,8 +34,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .engine import PRECISIONS, ntk
 from .files import json_digest, write_atomic, write_json
-from .ntk import PRECISIONS, ntk
 
 FORMAT = "minintk-tiles/1"
 Inputs = torch.Tensor | Mapping[str, torch.Tensor]
@@ -369,7 +369,7 @@ def _settings(tile: int, precision: str, params, output, output_name: str | None
                                                            and all(isinstance(p, str) for p in params))):
         raise TileRunError(
             f"params must be None or glob pattern(s) for a resumable run (they enter the settings fingerprint); "
-            f"got {params!r}. Turn modules into patterns, e.g. minintk.ntk.last_blocks(model, k)"
+            f"got {params!r}. Turn modules into patterns, e.g. minintk.last_blocks(model, k)"
         )
     if output is not None and not output_name:
         raise TileRunError("output=... needs output_name=, a string naming it (it enters the settings fingerprint)")
@@ -528,12 +528,26 @@ def status(out: str | os.PathLike) -> dict:
     }
 
 
+def _steady(sides: list[dict]) -> list[dict]:
+    """The tiles timed in steady state: without each (launch, rank)'s first tile, which also paid the model's
+    discovery and the kernels' warm-up (all of them where a launch and rank has finished one tile only)."""
+    first: dict[tuple, dict] = {}
+    for s in sides:
+        key = (s.get("launch"), s.get("rank"))
+        if key not in first or s.get("finished", "") < first[key].get("finished", ""):
+            first[key] = s
+    rest = [s for s in sides if all(s is not f for f in first.values())]
+    return rest or sides
+
+
 def _eta(sides: list[dict], left: list[Tile], world: int) -> float | None:
-    """Seconds for the tiles left on `world` ranks: the mean time of each kind so far (the other kind by cost)."""
+    """Seconds for the tiles left on `world` ranks: the steady-state mean time of each kind so far (the other
+    kind by cost)."""
     if not left:
         return 0.0
     if not sides:
         return None
+    sides = _steady(sides)
     cost = {"diagonal": 1, "cross": 2}
     per_unit = sum(s["seconds"] for s in sides) / sum(cost[s["kind"]] for s in sides)
     mean = {}
@@ -568,103 +582,13 @@ def format_status(st: dict) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-# ----------------------------------------------------------------------------------------------- sources
+# ----------------------------------------------------------------------------------------------- launching
 
 
-def load_model(
-    source: str, labels: Sequence[int], diff: bool = False, seed: int = 0, device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> nn.Module:
-    """A Decoder whose output is the logits of token ids `labels` at the last token (n, k), or with diff their
-    difference (n,): a built-in architecture ("tiny", "gpt-neo-125M", "gpt-neo-1.3B", "gpt-neo-2.7B") with random
-    weights drawn on `device` from `seed`, or a GPT-Neo folder / .safetensors / hub id (load_gpt_neo)."""
-    from .config import BUILTIN, gpt_neo_config
-    from .gptneo import load_gpt_neo
-    from .model import Decoder
-
-    head = {"head": "label_words", "label_ids": tuple(int(i) for i in labels), "label_diff": diff}
-    if not head["label_ids"]:
-        raise TileRunError("the NTK needs a per-sample output: give label token ids, e.g. --labels 352,2089 --diff")
-    if source in BUILTIN and not Path(source).exists():
-        torch.manual_seed(seed)
-        with torch.device(device):
-            model = Decoder(gpt_neo_config(BUILTIN[source], **head))
-    else:
-        model = load_gpt_neo(source, **head).to(device)
-    return model.to(dtype).eval()
-
-
-def load_tokens(spec: str, vocab: int) -> Inputs:
-    """Token ids (n, T) int64, or {"idx": ids, "attention_mask": mask}, from `spec`: random:N:T[:vocab][:seed],
-    or a .npy file of ids, or a .pt / .safetensors file of ids (a lone tensor, or "input_ids" [+ "attention_mask"])."""
-    if spec.startswith("random:"):
-        try:
-            nums = [int(v) for v in spec.split(":")[1:]]
-        except ValueError:
-            nums = []
-        if not 2 <= len(nums) <= 4 or min(nums[:3]) < 1 or (len(nums) > 2 and nums[2] > vocab):
-            raise TileRunError(f"bad data {spec!r}: expected random:N:T[:vocab][:seed] with N, T >= 1 and "
-                               f"1 <= vocab <= {vocab} (the model's vocabulary)")
-        n, T = nums[:2]
-        v = nums[2] if len(nums) > 2 else vocab
-        seed = nums[3] if len(nums) > 3 else 0
-        return torch.randint(0, v, (n, T), generator=torch.Generator().manual_seed(seed))
-    path = Path(spec)
-    if not path.is_file():
-        raise TileRunError(f"{spec}: no such token file; give .npy/.pt/.safetensors ids (n, T) or random:N:T")
-    if path.suffix == ".npy":
-        import numpy as np
-
-        found = {"input_ids": torch.from_numpy(np.load(path, allow_pickle=False))}
-    elif path.suffix == ".pt":
-        found = torch.load(path, map_location="cpu", weights_only=True)
-    elif path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        found = load_file(path)
-    else:
-        raise TileRunError(f"{spec}: unknown token file type {path.suffix!r}; give .npy, .pt or .safetensors")
-    if isinstance(found, torch.Tensor):
-        found = {"input_ids": found}
-    if not isinstance(found, dict) or "input_ids" not in found and len(found) != 1:
-        raise TileRunError(f"{spec}: expected a tensor of ids or keys 'input_ids' [+ 'attention_mask'], got "
-                           f"{sorted(found) if isinstance(found, dict) else type(found).__name__}")
-    ids = found.get("input_ids", next(iter(found.values())))
-    mask = found.get("attention_mask")
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.is_floating_point() or ids.dtype == torch.bool:
-        got = f"{ids.dtype} {tuple(ids.shape)}" if isinstance(ids, torch.Tensor) else type(ids).__name__
-        raise TileRunError(f"{spec}: token ids must be an integer array (n, T), got {got}")
-    if mask is not None and mask.shape != ids.shape:
-        raise TileRunError(f"{spec}: attention_mask {tuple(mask.shape)} must match the ids {tuple(ids.shape)}")
-    return ids.long() if mask is None else {"idx": ids.long(), "attention_mask": mask}
-
-
-def _parse_bytes(text: str | int | None) -> int | None:
-    """'40GiB', '512MiB', '8G' or a plain number of bytes."""
-    if text is None or isinstance(text, int):
-        return text
-    m = re.fullmatch(r"([0-9.]+)\s*([kmgt]?)(i?b)?", str(text).strip().lower())
-    if not m or m.group(1).count(".") > 1:
-        raise TileRunError(f"--max-memory must be bytes or a size like 40GiB, 512MiB; got {text!r}")
-    return int(float(m.group(1)) * 1024 ** " kmgt".index(m.group(2) or " "))
-
-
-def launch(
-    model_source: str, data: str, out: str | os.PathLike, *, labels: str | Sequence[int], diff: bool = False,
-    tile: int = 256, precision: str = "fp32", device: str | None = None, max_memory: str | int | None = None,
-    seed: int = 0, params: str | None = None, overwrite: bool = False, progress: bool = True,
-) -> dict | None:
-    """`minintk ntk`: build the model and data, run tiled_ntk, return status(out) on rank 0 (None elsewhere).
-
-    Under torchrun (WORLD_SIZE set) it joins a process group, NCCL with one GPU per rank, gloo on CPU.
-    labels: "352,2089" or ids; params: comma-separated glob patterns; device: default cuda if available.
-    """
-    if isinstance(labels, str):
-        try:
-            labels = [int(v) for v in labels.split(",") if v.strip()]
-        except ValueError:
-            raise TileRunError(f"--labels must be comma-separated token ids, got {labels!r}") from None
-    budget = _parse_bytes(max_memory)
+@contextlib.contextmanager
+def process_group(device: str | None = None):
+    """The device this process computes on (default cuda if available), inside the torch.distributed group that
+    torchrun asks for (WORLD_SIZE set: NCCL with one GPU per rank, gloo on CPU), left at exit."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TileRunError(f"--device {device} but torch sees no CUDA GPU here; pass --device cpu")
@@ -677,13 +601,11 @@ def launch(
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(hours=3))
         started = True
     try:
-        dtype = torch.float64 if precision == "fp64" else torch.float32
-        model = load_model(model_source, labels, diff, seed, dev, dtype)
-        X = load_tokens(data, model.cfg.vocab_size)
-        pats = [p for p in params.split(",") if p] if params else None
-        tiled_ntk(model, X, out, tile=tile, precision=precision, params=pats, max_memory=budget,
-                  overwrite=overwrite, progress=progress)
-        return status(out) if _rank_world()[0] == 0 else None
+        yield dev
     finally:
         if started:
             dist.destroy_process_group()
+
+
+def is_rank0() -> bool:
+    return _rank_world()[0] == 0

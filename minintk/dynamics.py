@@ -1,4 +1,4 @@
-"""Function-space dynamics of kernel regression under the square loss (THEORY.md section 3).
+"""Function-space dynamics of kernel regression under the square loss (docs/theory.md section 3).
 
 Loss L(f) = (1/2n) ||f(X) - y||^2 on n training points, kernel K = Theta(X, X) (n, n), cross kernel
 Theta(x, X) (m, n). Gradient descent with steps alpha_0, alpha_1, ... moves the outputs as
@@ -6,7 +6,7 @@ Theta(x, X) (m, n). Gradient descent with steps alpha_0, alpha_1, ... moves the 
     u_{t+1} = u_t - (alpha_t / n) K (u_t - y),     f_{t+1}(x) = f_t(x) - (alpha_t / n) Theta(x, X) (u_t - y),
 
 which is exact for the linearized network (Lee et al. 2019) and for kernel regression. With one
-eigendecomposition K = V diag(l) V^T both are closed forms in the eigenbasis (THEORY.md section 3):
+eigendecomposition K = V diag(l) V^T both are closed forms in the eigenbasis (docs/theory.md section 3):
 
     u_t  = u_0 + V diag(h_t(l)) V^T (y - u_0),          h_t(l) = 1 - prod_{tau<t} (1 - alpha_tau l / n)
     f_t  = f_0 + Theta(x, X) V diag(g_t(l)) V^T (y - u_0),   g_t(l) = h_t(l) / l,
@@ -21,7 +21,7 @@ K must be symmetric and PSD up to rounding: an eigenvalue below -max(1e-9, 10 n 
 own dtype, so fp32 Grams get a looser tolerance) is an error; the small negative ones rounding leaves are
 kept, and grow (slowly) under gradient descent exactly as they do in the iteration. Arrays may be numpy or
 torch; everything is computed and returned as float64 numpy. y is (n,) or (n, C): every output column shares
-K (the trace-over-outputs kernel of THEORY.md section 2).
+K (the trace-over-outputs kernel of docs/theory.md section 2).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def _times(t: Any, integer: bool, horizon: int | None) -> np.ndarray:
 
 
 def step_sums(alpha: Any, t: Any) -> np.ndarray:
-    """eta_t = sum_{tau<t} alpha_tau (THEORY.md section 4). alpha: scalar or (T,); t: ints -> t.shape fp64."""
+    """eta_t = sum_{tau<t} alpha_tau (docs/theory.md section 4). alpha: scalar or (T,); t: ints -> t.shape fp64."""
     a = _steps(alpha)
     t = _times(t, integer=True, horizon=None if a.ndim == 0 else a.size)
     if a.ndim == 0:
@@ -150,7 +150,7 @@ def step_sums(alpha: Any, t: Any) -> np.ndarray:
 
 
 def gd_filters(l: Any, n: int, alpha: Any, t: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Spectral filters of t gradient-descent steps (THEORY.md section 3).
+    """Spectral filters of t gradient-descent steps (docs/theory.md section 3).
 
     l: (p,) eigenvalues of K (not K/n); n: number of training points; alpha: step (scalar) or schedule (T,);
     t: step counts, any shape. Returns h, g of shape t.shape + (p,):
@@ -269,7 +269,7 @@ def _predictor(K: Any, y: Any, filters: _Filters) -> Predictor:
 
 
 def gradient_descent_mse(K: Any, y: Any, alpha: Any = 1.0) -> Predictor:
-    """Closed-form gradient descent on L = (1/2n)||f - y||^2 (THEORY.md section 3), like neural-tangents'
+    """Closed-form gradient descent on L = (1/2n)||f - y||^2 (docs/theory.md section 3), like neural-tangents'
     predict.gradient_descent_mse but in discrete steps.
 
     K: (n, n) train Gram; y: (n,) or (n, C); alpha: constant step or schedule (T,) (then t <= T).
@@ -282,7 +282,7 @@ def gradient_descent_mse(K: Any, y: Any, alpha: Any = 1.0) -> Predictor:
 
 def gradient_flow_mse(K: Any, y: Any, eta: float = 1.0) -> Predictor:
     """Closed-form gradient flow du/ds = -(eta/n) K (u - y): the alpha -> 0 limit of gradient descent with
-    s = t alpha / eta (THEORY.md section 3). Same predictor as gradient_descent_mse, real times s >= 0."""
+    s = t alpha / eta (docs/theory.md section 3). Same predictor as gradient_descent_mse, real times s >= 0."""
     eta = _rate(eta)
     return _predictor(K, y, lambda l, n, s: flow_filters(l, n, eta, s))
 
@@ -329,7 +329,7 @@ def kernel_ridge(
 
     With this normalisation lam multiplies n in the matrix form: u = u_0 + K (K + n lam I)^{-1} (y - u_0),
     f(x) = f_0(x) + Theta(x, X) (K + n lam I)^{-1} (y - u_0); its filter on an eigenvalue mu of K/n is
-    mu / (mu + lam), and early stopping after eta_t = sum alpha_tau matches lam = 1 / eta_t (THEORY.md
+    mu / (mu + lam), and early stopping after eta_t = sum alpha_tau matches lam = 1 / eta_t (docs/theory.md
     section 3; Raskutti et al. 2014): the GD filter 1 - (1 - alpha mu)^t lies between mu/(mu + lam) and
     2 mu/(mu + lam) when alpha mu <= 1.
     lam: scalar or (k,) of values >= 0 (leading axis of the outputs); lam = 0 is min-norm interpolation

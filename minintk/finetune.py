@@ -1,4 +1,5 @@
-"""Fine-tuning a pretrained decoder on a text task, with hold-out early stopping (paper section 7, THEORY.md 3-4).
+"""Fine-tuning a pretrained decoder on a text task, with hold-out early stopping (paper section 7; docs/theory.md
+sections 3-4).
 
 Three methods, one loop:
   full     every parameter trained: f(x; theta), theta_0 the pretrained weights (linearize.functional).

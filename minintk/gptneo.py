@@ -59,7 +59,7 @@ def _download(repo_id: str) -> Path:
         raise CheckpointError(
             f"could not download {repo_id!r} from the hub ({type(e).__name__}: {e}). Offline, pass a local folder "
             f"instead: one made by `save_pretrained` (config.json + model.safetensors), e.g. "
-            f"`huggingface-cli download {repo_id} --local-dir ./{repo_id.split('/')[-1]}` on a machine online."
+            f"`hf download {repo_id} --local-dir ./{repo_id.split('/')[-1]}` on a machine online."
         ) from e
     return Path(folder) / "config.json"
 
@@ -260,7 +260,10 @@ def save_gpt_neo(model: Decoder, folder: str | os.PathLike) -> Path:
 
 
 def load_tokenizer(source: str | os.PathLike):
-    """The tokenizer saved in a model folder (transformers.AutoTokenizer), or None when the folder has none."""
+    """The tokenizer saved in a model folder (transformers.AutoTokenizer), or None when the folder has none.
+
+    GPT-Neo's tokenizer has no padding token; this one pads with its end-of-text token (and an attention mask,
+    which minintk's models and label_words read), so `tok(texts, padding=True)` works."""
     folder = Path(source)
     if folder.is_file():
         folder = folder.parent
@@ -268,4 +271,7 @@ def load_tokenizer(source: str | os.PathLike):
         return None
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder))
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+    return tok

@@ -1,10 +1,10 @@
-"""The linearized model of a torch network, trained side by side with the network itself (THEORY.md section 3).
+"""The linearized model of a torch network, trained side by side with the network itself (docs/theory.md section 3).
 
     f_lin(x; theta) = f(x; theta_0) + J(x; theta_0) (theta - theta_0)            (Lee et al. 2019; Lemma 1)
 
 is evaluated with one forward-mode product, torch.func.jvp of the functional model (functional_call) at
 theta_0 along theta - theta_0; J is never formed. Both models are trained in parameter space on
-L = (1/2b) sum_i ||f(x_i) - y_i||^2 over a batch of b samples (the loss of THEORY.md section 3, so that full-batch
+L = (1/2b) sum_i ||f(x_i) - y_i||^2 over a batch of b samples (the loss of docs/theory.md section 3, so that full-batch
 gradient descent with step alpha moves the linearized outputs exactly as u_{t+1} = u_t - (alpha/n) K (u_t - y)
 with K = J J^T, the empirical NTK), with the same torch optimizer, the same batches and the same start, and
 every step is recorded: train and test predictions, losses, and how far the weights moved. With C outputs per

@@ -1,7 +1,7 @@
 """The decoder: embeddings, pre-LN blocks of causal (optionally local) attention and MLP, final LN, heads.
 
 One file, nanoGPT style. The network knows nothing of the NTK; it only exposes, on every Linear and
-Embedding, the multiplier `w_mult` (and `b_mult`) of the NTK parameterization (THEORY.md section 1), so
+Embedding, the multiplier `w_mult` (and `b_mult`) of the NTK parameterization (docs/theory.md section 1), so
 that a parameter omega enters the forward pass as w_mult * omega.
 """
 
@@ -162,7 +162,7 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
-        """Gaussian init (THEORY section 1): W ~ N(0, sigma_w^2/fan_in) standard, omega ~ N(0, 1) NTK."""
+        """Gaussian init (docs/theory.md section 1): W ~ N(0, sigma_w^2/fan_in) standard, omega ~ N(0, 1) NTK."""
         cfg, ntk = self.cfg, self.cfg.parameterization == "ntk"
         for m in self.modules():
             if isinstance(m, Embedding):
@@ -233,7 +233,12 @@ class Decoder(nn.Module):
         last = torch.where(attention_mask.bool(), positions, -1).amax(1).clamp_min(0)
         return h[torch.arange(n, device=h.device), last]
 
-    def forward(self, idx: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None, *,
+                input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """idx (n, T) int64 (or input_ids=, as a tokenizer returns it), attention_mask (n, T) | None -> head output."""
+        if (idx is None) == (input_ids is None):
+            raise ModelInputError("give the token ids once, as idx or as input_ids")
+        idx = input_ids if idx is None else idx
         h = self.hidden(idx, attention_mask)
         cfg = self.cfg
         if cfg.head == "lm":
@@ -244,6 +249,10 @@ class Decoder(nn.Module):
             return logits[:, 1] - logits[:, 0] if cfg.label_diff else logits
         out = self.head(z)
         return out[:, 0] if cfg.head == "scalar" else out
+
+    def get_input_embeddings(self) -> Embedding:
+        """The token embedding (as transformers models name it)."""
+        return self.wte
 
     def attention_probs(self, idx: torch.Tensor) -> list[torch.Tensor]:
         """Attention probabilities of every layer, each (n, H, T, T)."""

@@ -1,6 +1,6 @@
 """The paper's experiments (Sun & Raskutti, section 7) end to end, for one model and a list of tasks.
 
-1. kernels     the empirical NTK Gram (minintk.ntk) of the task model on 100 training inputs per task (several
+1. kernels     the empirical NTK Gram (minintk.engine) of the task model on 100 training inputs per task (several
                draws), its eigen-decay beta (spectrum.fit_power_law): the paper's section 7.1 and appendix A.3.
 2. curves      fine-tuning with hold-out early stopping (finetune) at training sizes n and seeds: test error
                against n (Figure 2; F1 in Figure 10), for full fine-tuning and a linear probe.
@@ -357,7 +357,7 @@ def setup_tasks(run: Run, base: Decoder, tok) -> dict[str, TaskSetup]:
 
 def phase_kernels(run: Run, tasks: dict[str, TaskSetup], tok) -> None:
     """NTK Gram of each task model on kernel_samples training inputs, kernel_draws times; beta of each."""
-    from .ntk import ntk
+    from .engine import ntk
 
     cfg, rec = run.cfg, {}
     for name, ts in tasks.items():

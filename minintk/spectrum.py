@@ -1,6 +1,6 @@
-"""Eigen-decay of a Gram matrix and the sample efficiency it predicts (THEORY.md section 5).
+"""Eigen-decay of a Gram matrix and the sample efficiency it predicts (docs/theory.md section 5).
 
-eigenvalues(K) gives the spectrum of K_n = K / n (the matrix of THEORY.md section 4), descending, clipped
+eigenvalues(K) gives the spectrum of K_n = K / n (the matrix of docs/theory.md section 4), descending, clipped
 at 0, with the numerical floor below which eigenvalues are rounding noise. fit_power_law fits
 mu_i ~ C i^{-beta} by least squares of log mu_i on log i over a stated index range; implied_rate turns
 beta into the error rate (sigma^2 / n)^{beta / (beta + 1)}; plot_spectrum draws it all on log-log axes.
@@ -49,7 +49,7 @@ class PowerLawFit(NamedTuple):
 
 
 def eigenvalues(K: Any) -> Spectrum:
-    """Spectrum of K/n (THEORY.md sections 4-5). K: (n, n) numpy or torch, symmetric -> Spectrum (fp64).
+    """Spectrum of K/n (docs/theory.md sections 4-5). K: (n, n) numpy or torch, symmetric -> Spectrum (fp64).
 
     The floor uses the machine epsilon of K's own dtype (fp32 Grams have ~1e-7 relative noise), as
     numpy.linalg.matrix_rank does: floor = n * eps * max|mu|. Raises SpectrumError for a non-square,
@@ -113,7 +113,7 @@ def fit_power_law(
     bootstrap: int = 0,
     seed: int = 0,
 ) -> PowerLawFit:
-    """Fit mu_i ~ C i^{-beta} by least squares of log mu_i on log i (THEORY.md section 5).
+    """Fit mu_i ~ C i^{-beta} by least squares of log mu_i on log i (docs/theory.md section 5).
 
     mu: (n,) descending eigenvalues (of K/n). index_range: (first, last), 1-based inclusive; default
     default_range(mu, floor, drop_top). The regression CI treats the residuals as independent, which they
@@ -167,7 +167,8 @@ def ols(x: np.ndarray, z: np.ndarray) -> tuple[float, float, float, float]:
 
 
 def implied_rate(beta: float, sigma: float, n: int) -> float:
-    """(sigma^2 / n)^{beta / (beta + 1)}: the squared-error rate of eigen-decay i^{-beta} (THEORY.md 4-5)."""
+    """(sigma^2 / n)^{beta / (beta + 1)}: the squared-error rate of eigen-decay i^{-beta} (docs/theory.md
+    sections 4-5)."""
     if not beta > 0 or not sigma > 0 or not n >= 1:
         raise SpectrumError(f"need beta > 0, sigma > 0, n >= 1; got beta={beta}, sigma={sigma}, n={n}")
     return float((sigma**2 / n) ** (beta / (beta + 1.0)))

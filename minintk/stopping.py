@@ -1,6 +1,6 @@
 """When to stop gradient descent: the Raskutti-Wainwright-Yu rule, its drift variant, hold-out, oracle.
 
-Everything follows THEORY.md section 4. Inputs are the eigenvalues mu (n,) of the normalized kernel
+Everything follows docs/theory.md section 4. Inputs are the eigenvalues mu (n,) of the normalized kernel
 K_n = K / n (spectrum.eigenvalues gives them, descending and clipped at 0), the noise level sigma of
 y = f*(X) + w, and the steps alpha_t of gradient descent in function space (dynamics.py), whose running sum
 is eta_t = sum_{tau<t} alpha_tau. The theory assumes ||f*||_H <= B with B = 1; for another B every function
@@ -18,6 +18,7 @@ inequality as R(1/sqrt(eta_t)) <= (2 e (sigma/B) eta_t)^{-1}. b decreases in t, 
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -95,7 +96,7 @@ def _positive(x: Any, name: str) -> float:
 
 
 def local_rademacher(mu: Any, eps: Any) -> np.ndarray:
-    """R(eps) = sqrt((1/n) sum_i min(mu_i, eps^2)) (THEORY.md section 4). mu: (n,) eigenvalues of K/n;
+    """R(eps) = sqrt((1/n) sum_i min(mu_i, eps^2)) (docs/theory.md section 4). mu: (n,) eigenvalues of K/n;
     eps: any shape, >= 0 (inf allowed) -> eps.shape fp64. Non-decreasing in eps; R(eps)/eps non-increasing."""
     m = np.sort(_mu(mu))
     e = np.asarray(eps, dtype=np.float64)  # +inf allowed: R(inf) = sqrt(mean(mu))
@@ -110,7 +111,7 @@ def local_rademacher(mu: Any, eps: Any) -> np.ndarray:
 
 
 def critical_radius(mu: Any, sigma: float, *, B: float = 1.0) -> float:
-    """eps_n: the smallest eps > 0 with R(eps) <= eps^2 / (2 e sigma') (THEORY.md s. 4), sigma' = sigma/B.
+    """eps_n: the smallest eps > 0 with R(eps) <= eps^2 / (2 e sigma') (docs/theory.md section 4), sigma' = sigma/B.
 
     With ||f*||_H <= B the rule is run on y / B, whose noise is sigma / B; eps_n is then in the units of
     y / B (the error bound in the units of y is B^2 * 12 eps_n^2, see error_bound). Found by bisection on
@@ -154,24 +155,53 @@ def _rule_exceeded(m: np.ndarray, s: float, eta: float) -> bool:
     return float(local_rademacher(m, 1.0 / math.sqrt(eta))) > 1.0 / (2 * E * s * eta)
 
 
-def stopping_time(mu: Any, sigma: float, alpha: Any = 1.0, *, B: float = 1.0) -> int:
-    """T_hat = argmin{t : R(1/sqrt(eta_t)) > (2 e sigma' eta_t)^{-1}} - 1 (THEORY.md s. 4), sigma' = sigma/B.
+def default_step(mu: Any) -> float:
+    """min(1, 1/mu_1), mu_1 the largest eigenvalue of K/n: the largest constant step Raskutti et al.'s analysis
+    admits (alpha_t <= min(1, 1/mu_1), docs/theory.md section 4). Gradient descent on (1/2n)||f - y||^2 is
+    stable for alpha < 2/mu_1, so this step always is. Raises StoppingError for a spectrum with no positive
+    eigenvalue."""
+    m = _mu(mu)
+    if m.size == 0 or m[0] <= 0:
+        raise StoppingError("K/n has no positive eigenvalue: no step size follows from it")
+    return min(1.0, 1.0 / float(m[0]))
 
-    mu: (n,) eigenvalues of K/n; alpha: constant step or schedule (T,) with eta_t its running sum. The event
-    is monotone in t (it is eta_t > 1/eps_n^2, and eta_t increases): the first t is found by bisection on t,
-    evaluating the rule itself. A schedule that ends before the event returns its length T (run to the end).
-    Raskutti et al. take alpha_t <= min(1, 1/mu_1); the rule does not check it (dynamics.py runs any step).
+
+def stopping_time(mu: Any, sigma: float, alpha: Any = None, *, B: float = 1.0) -> int:
+    """T_hat = argmin{t : R(1/sqrt(eta_t)) > (2 e sigma' eta_t)^{-1}} - 1 (docs/theory.md section 4), sigma' =
+    sigma/B, in gradient-descent steps.
+
+    mu: (n,) eigenvalues of K/n (not of K: spectrum.eigenvalues divides by n); sigma: noise level of y, in y's
+    units; alpha: constant step or schedule (T,) with eta_t its running sum; None (default) takes
+    default_step(mu) = min(1, 1/mu_1). The event is monotone in t (it is eta_t > 1/eps_n^2, and eta_t
+    increases): the first t is found by bisection on t, evaluating the rule itself. A schedule that ends before
+    the event returns its length T (run to the end). Warns (UserWarning) when a constant step is unstable
+    (alpha mu_1 >= 2: gradient descent diverges on this Gram) and when the rule stops at T_hat = 0 (the noise
+    sigma/B dominates from the first step). Raises StoppingError for invalid inputs.
     """
     m = _mu(mu)
     s = _positive(sigma, "sigma") / _positive(B, "B")
-    a = as_f64(alpha, "alpha")
+    a = as_f64(default_step(m) if alpha is None else alpha, "alpha")
     if a.ndim > 1 or a.size == 0 or np.any(a <= 0):
         raise StoppingError(f"alpha must be a positive scalar or 1-D schedule of positive steps, got {a!r}")
+    if m.size and float(np.max(a)) * float(m[0]) >= 2:
+        warnings.warn(f"step alpha = {float(np.max(a)):.4g} times mu_1 = {float(m[0]):.4g} (top eigenvalue of K/n) "
+                      f"is >= 2: gradient descent diverges on this Gram; take alpha < 2/mu_1 (default "
+                      f"min(1, 1/mu_1) = {min(1.0, 1 / float(m[0])) if m[0] > 0 else 1.0:.4g})", stacklevel=2)
+    t_hat = _first_event(m, s, a) - 1
+    if t_hat == 0:
+        warnings.warn(f"the rule stops at T_hat = 0: with sigma/B = {s:.4g} the variance bound overtakes the bias "
+                      f"bound at the first step (eta_1 = {float(a.flat[0]):.4g} > 1/eps_n^2); check sigma and B in "
+                      f"y's units, or take a smaller step", stacklevel=2)
+    return t_hat
+
+
+def _first_event(m: np.ndarray, s: float, a: np.ndarray) -> int:
+    """The first t with R(1/sqrt(eta_t)) > (2 e s eta_t)^{-1} (a schedule's length + 1 if it never happens)."""
     eps_n = critical_radius(m, s)
     if a.ndim == 1:
         eta = step_sums(a, np.arange(a.size + 1))
         if not _rule_exceeded(m, s, float(eta[-1])):
-            return int(a.size)
+            return int(a.size) + 1
         cond = lambda t: _rule_exceeded(m, s, float(eta[t]))  # noqa: E731
         hi = a.size
     else:
@@ -189,7 +219,7 @@ def stopping_time(mu: Any, sigma: float, alpha: Any = 1.0, *, B: float = 1.0) ->
             hi = mid
         else:
             lo = mid
-    return hi - 1
+    return hi
 
 
 def bound_curve(mu: Any, sigma: float, eta: Any, *, B: float = 1.0, delta: Any = None) -> BoundCurve:
@@ -222,7 +252,7 @@ def _drift(delta: Any, size: int) -> np.ndarray:
 
 
 def drift_stopping_time(mu: Any, sigma: float, alpha: Any, delta: Any, *, B: float = 1.0) -> DriftStop:
-    """Sun & Raskutti's rule for a moving kernel: a non-decreasing Delta(t) joins the bound (THEORY.md s. 4).
+    """Sun & Raskutti's rule for a moving kernel: a non-decreasing Delta(t) joins the bound (docs/theory.md section 4).
 
     Total bound Phi(t) = b(t) + v(t) + Delta(t) (module doc; Delta in units of ||.||_n^2, e.g. from
     drift_from_predictions). Stops by balancing: t_stop = last t in 0..T with v(t) + Delta(t) <= b(t). Since b
@@ -344,7 +374,7 @@ def plot_stopping(
 
     m = _mu(mu)
     s = _positive(sigma, "sigma") / _positive(B, "B")
-    a = as_f64(alpha, "alpha")
+    a = as_f64(default_step(m) if alpha is None else alpha, "alpha")
     eps_n = critical_radius(m, s)
     if delta is not None:
         T = as_f64(delta, "delta").size - 1

@@ -1,4 +1,4 @@
-"""Task vectors on parameter dicts (THEORY.md section 7; Ilharco et al. 2023; Ortiz-Jimenez et al. 2023).
+"""Task vectors on parameter dicts (docs/theory.md section 7; Ilharco et al. 2023; Ortiz-Jimenez et al. 2023).
 
     tau_k = theta_k - theta_pre                              (the task vector of task k)
     addition:  theta_pre + sum_k lambda_k tau_k              (lambda chosen on validation)
@@ -118,7 +118,7 @@ def disentanglement_error(
     inputs: tuple[torch.Tensor, torch.Tensor],
     dist: Callable | tuple[Callable, Callable] = squared,
 ) -> float:
-    """Weight disentanglement error xi(a1, a2) (Ortiz-Jimenez et al. 2023, eq. 3; THEORY.md section 7).
+    """Weight disentanglement error xi(a1, a2) (Ortiz-Jimenez et al. 2023, eq. 3; docs/theory.md section 7).
 
     f(params, X) -> outputs (one function, or one per task, e.g. with the task's own head); inputs[k]: samples of
     task k's inputs (the expectation is their mean); dist: per-sample distance (one, or one per task). Zero when each

@@ -1,4 +1,5 @@
-"""Width-scaling checks of the NTK theory on the decoder (THEORY.md section 6; paper Lemma 1, Theorem 1, eq. 17-18).
+"""Width-scaling checks of the NTK theory on the decoder (docs/theory.md section 6; paper Lemma 1, Theorem 1,
+eq. 17-18).
 
 For each embedding width d (heads and MLP ratio fixed), seed and variant, one run trains a student by full-batch
 gradient descent on a regression task and measures, at fixed times eta t:
@@ -12,7 +13,7 @@ K is the exact empirical NTK (ntk.ntk) on the training inputs. f_lin,t is the cl
 the linearized model (dynamics.gradient_descent_mse on K_0 and Theta_0(X_test, X)), which is what training
 linearize.linearize's f_lin by the same steps gives (tests/test_width.py checks it against linearize.train).
 Time eta t = lr t is in units where the kernel is O(1): the NTK parameterization steps by alpha = lr, the
-standard one by alpha = lr / d (the paper normalizes its kernel by width, Theta / m; THEORY.md section 1).
+standard one by alpha = lr / d (the paper normalizes its kernel by width, Theta / m; docs/theory.md section 1).
 Starts: "random" (Gaussian init), "pretrained" (the same network trained by gradient descent on a source task, a
 different teacher, for pretrain_time), "linear_head" (that pretrained backbone with a fresh random head, paper
 section 5.1). Runs are recorded one by one, so an interrupted scan resumes where it stopped; width_report.py draws
@@ -36,14 +37,14 @@ import torch
 
 from .config import ATTN_SCALES, PARAMETERIZATIONS, DecoderConfig
 from .dynamics import gradient_descent_mse
+from .engine import ntk
 from .files import write_json
 from .linearize import train
 from .model import Decoder
-from .ntk import ntk
 from .spectrum import ols
 
 STARTS = ("random", "pretrained", "linear_head")
-METRICS = {  # name: (short label, definition, theory's slope against width; THEORY.md section 6)
+METRICS = {  # name: (short label, definition, theory's slope against width; docs/theory.md section 6)
     "spread": ("K_0 spread", "||K_0^s - mean_s K_0||_F / ||mean_s K_0||_F across seeds s", -0.5),
     "drift": ("kernel drift", "||K_t - K_0||_F / ||K_0||_F", -0.5),
     "movement": ("weight movement", "||theta_t - theta_0|| / ||theta_0||", -0.5),
@@ -514,7 +515,8 @@ class Slope(NamedTuple):
 
 def fit_slope(widths, values, level: float = 0.95) -> Slope | None:
     """Fit values ~ C width^slope on log-log axes. widths, values: (N,) paired points (e.g. one per seed and
-    width); non-positive or non-finite values are left out. None when fewer than 3 points or 2 widths remain."""
+    width); non-positive or non-finite values are left out. None when fewer than 3 distinct widths remain: with
+    two, the interval would measure only the spread over seeds, not the fit of a power law."""
     from scipy.stats import t as student_t
 
     w, v = np.asarray(widths, dtype=np.float64), np.asarray(values, dtype=np.float64)
@@ -522,7 +524,7 @@ def fit_slope(widths, values, level: float = 0.95) -> Slope | None:
         raise WidthScanError(f"widths and values must be paired 1-D arrays, got {w.shape} and {v.shape}")
     ok = np.isfinite(v) & (v > 0) & np.isfinite(w) & (w > 0)
     w, v = w[ok], v[ok]
-    if w.size < 3 or np.unique(w).size < 2:
+    if np.unique(w).size < 3:
         return None
     b, a, se, r2 = ols(np.log(w), np.log(v))
     q = float(student_t.ppf(0.5 + level / 2, df=w.size - 2))

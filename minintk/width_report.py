@@ -11,7 +11,7 @@ from .width import METRICS
 
 def _cell(entry: dict | None) -> str:
     if entry is None or entry["fit"] is None:
-        return "n/a"
+        return "undefined (needs >= 3 widths with values)"
     f = entry["fit"]
     return f"{f['slope']:+.2f} [{f['ci'][0]:+.2f}, {f['ci'][1]:+.2f}] {entry['verdict']}"
 
@@ -33,7 +33,7 @@ def summary_markdown(summary: dict) -> str:
     task = (f"`{cfg['data']}`" if cfg["data"] else
             f"a random teacher decoder (width {cfg['teacher_width']}, targets standardized, noise {cfg['noise']:g})")
     lines = [
-        "# Width scan: does the NTK theory hold for the decoder? (THEORY.md section 6)", "",
+        "# Width scan: does the NTK theory hold for the decoder? (docs/theory.md section 6)", "",
         f"Widths d = {', '.join(map(str, cfg['widths']))} (n_head = {cfg['n_head']}, d_mlp = {cfg['mlp_ratio']:g} d, "
         f"{cfg['n_layer']} block(s)), {cfg['seeds']} seeds; task: {task}, {cfg['n_train']} train / {cfg['n_test']} "
         f"test sequences of {cfg['seq_len']} tokens. Full-batch gradient descent with eta = {cfg['lr']:g} per step "

@@ -1,4 +1,5 @@
-"""Raskutti, Wainwright & Yu (2014) style simulation of early-stopped kernel gradient descent (THEORY.md 3-4).
+"""Raskutti, Wainwright & Yu (2014) style simulation of early-stopped kernel gradient descent (docs/theory.md
+sections 3-4).
 
 Model: y_i = f*(x_i) + w_i, w_i ~ N(0, sigma^2), on the fixed equispaced design x_i = i/n (i = 1..n), n from
 50 to 3200. Gradient descent in function space on (1/2n)||f - y||^2 from f_0 = 0 with constant step

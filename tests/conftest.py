@@ -78,3 +78,25 @@ def gpt_neo_scores_in_model_dtype(monkeypatch):
         return w @ value, w
 
     monkeypatch.setattr(neo.GPTNeoSelfAttention, "_attn", attn)
+
+
+REVIEWS = ["a wonderful, moving film", "the plot made no sense", "fine, if a little long", "I laughed and cried",
+           "two hours I will not get back", "the cast is superb", "dull from the first scene"]
+
+
+def make_gpt_neo_with_tokenizer(folder, d=16, layers=2, positions=32, seed=0):
+    """A random GPT-Neo checkpoint with a tokenizer beside it (a byte-level BPE trained on a few reviews, with
+    " negative" and " positive" as single tokens), as `hf download` leaves a model folder."""
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    from minintk.data import train_tokenizer
+
+    tok = train_tokenizer(REVIEWS * 4, vocab_size=320, extra_words=(" negative", " positive"))
+    torch.manual_seed(seed)
+    cfg = GPTNeoConfig(vocab_size=len(tok), max_position_embeddings=positions, hidden_size=d, num_layers=layers,
+                       num_heads=2, attention_types=[[["global", "local"], layers // 2]], window_size=4,
+                       bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    hf = GPTNeoForCausalLM(cfg).eval()
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -1,6 +1,7 @@
 """`minintk spectrum` and `minintk stop` over saved Grams: tables, JSON and PNG reports, clear errors."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -43,7 +44,7 @@ def test_spectrum_on_a_safetensors_gram(tmp_path, capsys):
 
 
 def test_spectrum_reads_the_four_axis_gram_of_ntk(tmp_path, capsys):
-    """(n, n, C, C) as minintk.ntk.ntk returns it is read as the (nC, nC) Gram in (sample, output) order."""
+    """(n, n, C, C) as minintk.ntk returns it is read as the (nC, nC) Gram in (sample, output) order."""
     n, C = 12, 3
     A = np.random.default_rng(1).standard_normal((n * C, n * C))
     flat = A @ A.T
@@ -123,3 +124,41 @@ def test_bad_input_gives_a_clear_error(tmp_path, capsys, case, match):
     if case in ("not_psd", "nan", "no_key"):
         assert main(["spectrum", str(gram), "--out", str(tmp_path / "s")]) == 2
         assert match in capsys.readouterr().err
+
+
+def raw_gram(n: int = 120, top: float = 450.0, seed: int = 0):
+    """A Gram as a real model gives it, unnormalized: K/n has top eigenvalue `top` and decays as i^-2; targets from
+    its top eigenvectors plus noise 0.5."""
+    rng = np.random.default_rng(seed)
+    V, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    mu = top * np.arange(1, n + 1, dtype=np.float64) ** -2.0
+    K = (V * (n * mu)) @ V.T
+    y = V[:, :5] @ rng.standard_normal(5) * np.sqrt(n) + 0.5 * rng.standard_normal(n)
+    return K, y, mu
+
+
+def test_stop_defaults_are_stable_on_a_raw_gram(tmp_path, capsys, monkeypatch):
+    """The default step follows the Gram (min(1, 1/mu_1)): a positive stopping time, a training loss that falls,
+    no warning; the old default alpha = 1 on the same Gram diverges, and the report says so."""
+    K, y, mu = raw_gram()
+    monkeypatch.chdir(tmp_path)
+    np.save("K.npy", K)
+    np.save("y.npy", y)
+    assert main(["stop", "K.npy", "--y", "y.npy", "--sigma", "0.5"]) == 0
+    text = capsys.readouterr().out
+    rec = json.loads((tmp_path / "reports" / "K-stop" / "stop.json").read_text())
+    assert rec["alpha"] == pytest.approx(1 / 450) and rec["alpha_source"] == "default" and rec["warnings"] == []
+    assert rec["T_hat"] > 0 and rec["train_mse_at_T_hat"] < np.mean(y**2), rec
+    assert "K/n" in text and "default min(1, 1/mu_1)" in text
+    with pytest.warns(UserWarning, match="diverges"):
+        stopping_time(mu, 0.5, 1.0)
+    assert main(["stop", "K.npy", "--y", "y.npy", "--sigma", "0.5", "--alpha", "1", "--out", "old"]) == 0
+    rec = json.loads((tmp_path / "old" / "stop.json").read_text())
+    assert any("diverges" in w for w in rec["warnings"]), rec["warnings"]
+
+
+def test_stopping_time_default_step_needs_no_tuning():
+    _, _, mu = raw_gram()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert stopping_time(mu, 0.5) == stopping_time(mu, 0.5, 1 / 450) > 0

@@ -21,17 +21,15 @@ from safetensors.torch import load_file, save_file
 from minintk.cli import main
 from minintk.distributed import (
     TileRunError,
-    _parse_bytes,
     assemble,
     assign,
-    load_model,
-    load_tokens,
     status,
     tensor_digest,
     tile_grid,
     tiled_ntk,
 )
-from minintk.ntk import ntk
+from minintk.engine import ntk
+from minintk.sources import SourceError, load_model, load_tokens, parse_bytes
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA, TILE, TILES = "random:24:8:512:0", 4, 21  # 6 blocks of 4 samples: 21 upper-triangle tiles
@@ -250,8 +248,8 @@ def test_status_and_cli_errors(reference, tmp_path, capsys):
     assert main(["ntk", "--status", str(tmp_path)]) == 2
     assert "no manifest.json" in capsys.readouterr().err
     save_file({"input_ids": torch.zeros(3, 4)}, tmp_path / "float.safetensors")
-    with pytest.raises(TileRunError, match="integer array"):
+    with pytest.raises(SourceError, match="integer array"):
         load_tokens(str(tmp_path / "float.safetensors"), 512)
-    assert _parse_bytes("40GiB") == 40 << 30 and _parse_bytes("512 MiB") == 512 << 20 and _parse_bytes("1000") == 1000
-    with pytest.raises(TileRunError, match="40GiB"):
-        _parse_bytes("lots")
+    assert parse_bytes("40GiB") == 40 << 30 and parse_bytes("512 MiB") == 512 << 20 and parse_bytes("1000") == 1000
+    with pytest.raises(SourceError, match="40GiB"):
+        parse_bytes("lots")

@@ -129,7 +129,7 @@ def test_kernel_ridge_matches_a_linear_solve(seed, n, lam):
 
 
 def test_early_stopping_matches_ridge_with_lambda_one_over_eta():
-    """GD for t steps vs ridge with lam = 1/eta_t (THEORY s. 3): in every eigendirection of K the GD fit of
+    """GD for t steps vs ridge with lam = 1/eta_t (docs/theory.md section 3): in every eigendirection of K the GD fit of
     y - u0 lies between 1x and 2x the ridge fit (alpha mu_1 <= 1), and the two predictors stay close."""
     rng = np.random.default_rng(1)
     n = 60

@@ -125,7 +125,7 @@ def test_network_run_is_a_plain_torch_training_loop():
 
 
 def test_wide_ntk_decoder_stays_close_to_its_linearization():
-    """THEORY.md s. 6: under the NTK parameterization the network's predictions on held-out inputs follow the
+    """docs/theory.md section 6: under the NTK parameterization the network's predictions on held-out inputs follow the
     linearized model's more closely as the width grows (Lee et al. 2019: gap ~ 1/sqrt(width))."""
     widths, gaps, moved = [16, 64, 256], [], []
     X, Xt, y = data(8, 4, T=4)

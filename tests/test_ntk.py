@@ -1,4 +1,4 @@
-"""The layerwise NTK engine against an independent fp64 torch.func Jacobian (THEORY.md section 2)."""
+"""The layerwise NTK engine against an independent fp64 torch.func Jacobian (docs/theory.md section 2)."""
 
 import subprocess
 import sys
@@ -14,7 +14,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from minintk import Decoder, DecoderConfig
-from minintk.ntk import NTKError, label_words, last_blocks, ntk, select_params
+from minintk.engine import NTKError, label_words, last_blocks, ntk, select_params
 
 
 def reference_gram(model, X, X2=None, output=None, params=None):
@@ -205,7 +205,7 @@ def test_probe_tolerates_the_rounding_of_its_precision(monkeypatch, precision, n
     the backward pass on GPUs) must not send every layer to torch.func, while an O(1) mismatch still must."""
     import warnings
 
-    from minintk import ntk as ntk_module
+    from minintk import engine as ntk_module
 
     real = ntk_module._Engine._weight_sum
 
@@ -264,7 +264,7 @@ def test_peak_memory_stays_under_max_memory_as_n_grows():
         """
         import resource, sys, torch
         from minintk import Decoder, DecoderConfig
-        from minintk.ntk import ntk
+        from minintk.engine import ntk
         torch.manual_seed(0)
         m = Decoder(DecoderConfig(vocab_size=50, n_positions=64, d_model=64, n_head=4, n_layer=2))
         n, budget = int(sys.argv[1]), 24 << 20
@@ -285,7 +285,7 @@ def test_peak_memory_stays_under_max_memory_as_n_grows():
 
 
 def test_plan_reports_tiles_and_memory():
-    from minintk.ntk import plan
+    from minintk.engine import plan
 
     m = small_decoder()
     p = plan(m, torch.randint(0, 37, (64, 12)), max_memory=256 << 10)
@@ -308,7 +308,7 @@ def test_bf16_mode_is_close_and_keeps_fp32_scores():
 
 
 def test_discovery_is_cached_per_model_and_cleared():
-    from minintk import ntk as ntk_module
+    from minintk import engine as ntk_module
 
     model = small_decoder(4)
     X = torch.randint(0, 37, (5, 7))
@@ -334,7 +334,7 @@ def test_discovery_is_cached_per_model_and_cleared():
 def _segmented_budget(model, X, X2=None, starts=False, **kw):
     """A memory budget under which the planner picks a segmented plan with several layer groups (whose runs
     start from cached hidden states, with starts=True), or None."""
-    from minintk.ntk import plan
+    from minintk.engine import plan
 
     for k in range(40):
         budget = int(64e6 * 0.8**k)
@@ -353,7 +353,7 @@ def test_segmented_capture_matches_torch_func(monkeypatch, cross, skip):
     """Block-boundary gradients from one full pass, then each layer group recomputed from its own blocks:
     from cached hidden states (skip), or after a forward-only prefix (blocks whose outputs the engine cannot
     rebuild, simulated here)."""
-    from minintk import ntk as ntk_module
+    from minintk import engine as ntk_module
 
     if not skip:
         monkeypatch.setattr(ntk_module, "_out_form", lambda out: None)
@@ -390,7 +390,7 @@ def test_transformers_blocks_are_segments(tmp_path):
     segmented plan is exact."""
     from conftest import make_gpt_neo_checkpoint
 
-    from minintk.ntk import _Engine
+    from minintk.engine import _Engine
 
     _, hf = make_gpt_neo_checkpoint(tmp_path, vocab=41, positions=10, d=16, layers=4, heads=2, window=3)
     hf = hf.double()
@@ -433,7 +433,7 @@ def test_segmented_runs_from_cached_hidden_states_with_padding_masks(tmp_path, k
 def test_layers_reading_one_input_store_it_once(precision):
     """q/k/v projections read the same LayerNorm output: the capture keeps one copy (also across chunks, and in
     bf16, where the copy is a cast), and the planner counts it once."""
-    from minintk.ntk import _capture_bytes, _Engine
+    from minintk.engine import _capture_bytes, _Engine
 
     m = small_decoder(n_layer=2)
     X = torch.randint(0, 37, (6, 5))
@@ -471,7 +471,7 @@ class ParallelBlocks(nn.Module):
 
 
 def test_blocks_that_are_not_a_chain_are_not_segmented():
-    from minintk.ntk import _Engine
+    from minintk.engine import _Engine
 
     torch.manual_seed(0)
     m = ParallelBlocks().double()
@@ -509,8 +509,8 @@ def test_segmented_cache_in_host_memory_is_exact_and_saves_passes(monkeypatch):
     """A plan whose boundary cache (hidden states, output-gradients) would crowd the device keeps it in host
     memory (on CUDA; allowed on CPU here, where the copies go host to host) and needs fewer passes than the
     best plan with the cache on the device; the Gram stays exact."""
-    from minintk import ntk as ntk_module
-    from minintk.ntk import plan
+    from minintk import engine as ntk_module
+    from minintk.engine import plan
 
     ntk_module.clear_cache()
     torch.manual_seed(0)
@@ -544,7 +544,7 @@ def test_segmented_cache_in_host_memory_is_exact_and_saves_passes(monkeypatch):
 def test_plan_of_an_fp32_model_in_fp64_is_the_plan_ntk_uses():
     """plan() converts the model to the precision's dtype as ntk() does (an fp32 model probed in fp64 failed the
     probe's fp64 check and planned every parameter for the torch.func fallback)."""
-    from minintk.ntk import plan
+    from minintk.engine import plan
 
     m = small_decoder(n_layer=2, head="label_words", label_ids=(4, 9), label_diff=True, n_positions=16)
     X = torch.randint(0, 37, (6, 12))

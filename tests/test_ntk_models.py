@@ -15,8 +15,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minintk import Decoder, DecoderConfig
+from minintk.engine import NTKError, label_words, ntk, select_params
 from minintk.gptneo import load_gpt_neo
-from minintk.ntk import NTKError, label_words, ntk, select_params
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 TOL = {"fp64": 1e-10, "fp32": 1e-5}
@@ -447,3 +447,89 @@ def test_long_inputs_that_cannot_fit_are_refused_before_allocating():
     X = torch.randint(0, 31, (4, 60_000))
     with pytest.raises(NTKError, match=r"length T=60000 needs ~\d+\.\d GiB .* over the memory budget of 1\.0 GiB"):
         ntk(model, X, max_memory=1 << 30, progress=False)
+
+
+# ----------------------------------------------------------------------------------------- data-dependent structure
+
+
+class OutputOne(nn.Module):
+    """A raw parameter that only output 1 of 2 reads: the probe's gradient of output 0 cannot see it."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(11, 6), nn.Linear(6, 1)
+        self.w1 = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        h = torch.tanh(self.emb(x)).mean(1)
+        return torch.cat([self.head(h), (h * self.w1).sum(-1, keepdim=True)], 1)
+
+
+class SpecialToken(nn.Module):
+    """A raw vector replaces token 10's embedding: only samples holding token 10 read it."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Embedding(11, 6), nn.Linear(6, 1)
+        self.vec = nn.Parameter(torch.randn(6))
+
+    def forward(self, x):
+        e = torch.where((x == 10)[..., None], self.vec.expand(*x.shape, 6), self.emb(x))
+        return self.head(torch.tanh(e).mean(1))[:, 0]
+
+
+class Unpadded(nn.Module):
+    """A Linear run on the attended tokens only (h[mask]): its rows depend on each sample's length."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.mlp, self.head = nn.Embedding(11, 6), nn.Linear(6, 6), nn.Linear(6, 1)
+
+    def forward(self, idx, attention_mask):
+        e = self.emb(idx)
+        rows = torch.tanh(self.mlp(e[attention_mask.bool()]))
+        h = torch.zeros_like(e).masked_scatter(attention_mask.bool()[..., None], rows)
+        return self.head(h.sum(1))[:, 0]
+
+
+class SoftPrompt(nn.Module):
+    """A learned prompt embedded once (a batch of 1) and repeated for every sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.prompt, self.emb, self.head = nn.Embedding(3, 6), nn.Embedding(11, 6), nn.Linear(6, 1)
+
+    def forward(self, x):
+        p = self.prompt(torch.arange(3)[None]).repeat(x.shape[0], 1, 1)
+        return self.head(torch.tanh(torch.cat([p, self.emb(x)], 1)).mean(1))[:, 0]
+
+
+def unpadded_inputs():
+    lengths = torch.tensor([3, 5, 5, 3])  # the probe's first and last rows have equal lengths, the others not
+    mask = (torch.arange(5)[None] < lengths[:, None]).long()
+    return {"idx": torch.randint(0, 11, (4, 5)), "attention_mask": mask}
+
+
+@pytest.mark.parametrize("case", ["output one", "special token", "unpadded", "soft prompt"])
+@pytest.mark.parametrize("precision", ["fp64", "fp32"])
+def test_structure_that_depends_on_outputs_or_data_is_routed(case, precision):
+    """What the probe's few samples and its first output cannot show is still routed by structure: parameters
+    read outside a contracted layer, rows whose count depends on the data, embeddings of a batch of 1."""
+    torch.manual_seed(0)
+    model, X = {
+        "output one": (OutputOne(), torch.randint(0, 11, (4, 5))),
+        "special token": (SpecialToken(), torch.tensor([[1, 2, 3], [4, 5, 6], [7, 10, 8], [9, 1, 2], [3, 4, 5]])),
+        "unpadded": (Unpadded(), unpadded_inputs()),
+        "soft prompt": (SoftPrompt(), torch.randint(0, 11, (3, 4))),
+    }[case]
+    with pytest.warns(UserWarning, match="per-sample gradients of the whole model"):
+        K = ntk(model, X, precision=precision, progress=False)
+    R = per_sample_gram(model, X)
+    assert rel(K, R) <= TOL[precision], f"{case}: relative error {rel(K, R):.2e}"
+
+
+@pytest.mark.parametrize("params", ["l1.*", ["l1.*", "out.*"], None])
+def test_reentrant_checkpointing_is_refused_for_any_parameter_subset(params):
+    torch.manual_seed(0)
+    with pytest.raises(NTKError, match="reentrant activation checkpointing"):
+        ntk(Checkpointed(True, False), torch.randint(0, 11, (3, 4)), params=params, progress=False)

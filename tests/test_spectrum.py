@@ -58,7 +58,7 @@ def test_confidence_interval_has_its_coverage():
 
 
 def test_sobolev_kernel_has_beta_2():
-    """min(x, x') on [0, 1] has eigenvalues ~ 1/((k - 1/2)^2 pi^2): beta = 2 (THEORY.md s. 4)."""
+    """min(x, x') on [0, 1] has eigenvalues ~ 1/((k - 1/2)^2 pi^2): beta = 2 (docs/theory.md section 4)."""
     n = 400
     x = np.arange(1, n + 1) / n
     spec = eigenvalues(np.minimum.outer(x, x))

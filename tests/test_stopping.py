@@ -1,4 +1,4 @@
-"""The stopping rules (minintk.stopping) against their definitions (THEORY.md section 4) and closed forms."""
+"""The stopping rules (minintk.stopping) against their definitions (docs/theory.md section 4) and closed forms."""
 
 import importlib.util
 import json
@@ -64,7 +64,8 @@ def test_critical_radius_closed_form_for_a_flat_spectrum():
 
 @pytest.mark.parametrize("beta", [1.5, 2.0, 3.0])
 def test_critical_radius_has_the_power_law_rate(beta):
-    """mu_i = i^-beta: eps_n^2 ~ (sigma^2/n)^(beta/(beta+1)) (THEORY.md s. 4), the rate spectrum.implied_rate gives."""
+    """mu_i = i^-beta: eps_n^2 ~ (sigma^2/n)^(beta/(beta+1)) (docs/theory.md section 4), the rate
+    spectrum.implied_rate gives."""
     ns = np.array([2000, 8000, 32000])
     eps2 = [critical_radius(np.arange(1, n + 1, dtype=float) ** -beta, 0.5) ** 2 for n in ns]
     slope = np.polyfit(np.log(ns), np.log(eps2), 1)[0]
@@ -74,7 +75,7 @@ def test_critical_radius_has_the_power_law_rate(beta):
 
 
 def first_exceeding(mu, sigma, eta):
-    """Brute force: the first t with R(1/sqrt(eta_t)) > (2 e sigma eta_t)^-1 (THEORY.md s. 4), or None."""
+    """Brute force: the first t with R(1/sqrt(eta_t)) > (2 e sigma eta_t)^-1 (docs/theory.md section 4), or None."""
     for t, e in enumerate(eta):
         if e > 0 and R_direct(mu, 1 / math.sqrt(e)) > 1 / (2 * E * sigma * e):
             return t
