@@ -1,0 +1,166 @@
+"""The public calls: ntk (the Gram), ntk_fn (neural-tangents style), plan (the tiling, without the Gram).
+One call: inputs.prepare -> probe.discover -> plan.plan_gram -> tiles.gram (capture -> contract) -> K."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .contract import STRATEGIES
+from .errors import NTKError, torch_errors
+from .inputs import Inputs, differentiable, n_samples, prepare, width
+from .plan import DEFAULT_COST, CostModel, Plan, Sizes, plan_gram
+from .precision import PRECISIONS, matmul_flags, result_dtype
+from .probe import discover
+from .reference import reference_gram
+from .spec import Spec
+from .stats import Stats
+from .structure import Structure
+from .tiles import gram
+
+
+def ntk(
+    model: nn.Module,
+    X: Inputs,
+    X2: Inputs | None = None,
+    *,
+    output: Callable | None = None,
+    params=None,
+    precision: str = "fp32",
+    strategy: str = "auto",
+    trace: bool = False,
+    normalize: bool | float = False,
+    max_memory: int | None = None,
+    block_size: int | None = None,
+    progress: bool = True,
+    stats: Stats | None = None,
+    cost: CostModel = DEFAULT_COST,
+) -> torch.Tensor:
+    """Empirical NTK Gram K[i, j] = J(x_i) J(x2_j)^T of `model` at its current parameters (docs/theory.md s. 2).
+
+    X: (n, T) token ids, or (n, ...) inputs, or a dict of them passed as keywords (a tokenizer's output works);
+    X2 the same for a cross kernel (default X). output: f of the model's batched output -> (n,) or (n, C)
+    (label_words for LMs); None uses the output as it is. Returns (n, n2), or (n, n2, C, C) for C outputs
+    (trace=True sums the diagonal over outputs -> (n, n2)); fp64 for precision="fp64", else fp32.
+    params: see select_params (frozen parameters named there are differentiated too). normalize: True divides
+    by the model's width (docs/theory.md section 1.3), a number divides by it. strategy: "auto" picks the
+    ghost or materialized form per layer by cost; "ghost"/"materialized" force one; "loop" and "func" are the
+    per-sample references. max_memory: bytes for the engine's working set (default: default_budget).
+    block_size: largest sample block. stats: a Stats to fill (plan, seconds per phase, forms, peak memory).
+    cost: the planner's CostModel. Raises NTKError for bad inputs or settings, naming what to change.
+    """
+    if precision not in PRECISIONS:
+        raise NTKError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if strategy not in STRATEGIES:
+        raise NTKError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    model, selected, X, X2 = prepare(model, X, X2, params, precision)
+    n = n_samples(X)
+    n2 = n if X2 is None else n_samples(X2)
+    spec = Spec(model, output, tuple(selected), precision, next(model.parameters()).device)
+    with _engine_mode(spec):
+        if strategy in ("loop", "func"):
+            K, C, scalar = reference_gram(spec, X, X2, n, n2, strategy, progress)
+        else:
+            budget = int(max_memory) if max_memory is not None else default_budget(spec.device)
+            st = discover(spec, X, budget, margin=cost.graph_margin, progress=progress)
+            p = plan_gram(st, _sizes(spec, n, n2, X2 is None, budget, block_size, cost), cost)
+            if stats is not None:
+                stats.plan = p
+            K = gram(spec, st, p, X, X2, strategy=strategy, cost=cost, stats=stats, progress=progress)
+            C, scalar = st.C, st.scalar_output
+    K = K.reshape(n, C, n2, C).permute(0, 2, 1, 3)
+    if trace:
+        K = K.diagonal(dim1=2, dim2=3).sum(-1)
+    elif scalar:
+        K = K[:, :, 0, 0]
+    if normalize:
+        K = K / (width(model) if normalize is True else float(normalize))
+    return K.to(result_dtype(precision)).contiguous()
+
+
+def plan(
+    model: nn.Module,
+    X: Inputs,
+    X2: Inputs | None = None,
+    *,
+    output: Callable | None = None,
+    params=None,
+    precision: str = "fp32",
+    max_memory: int | None = None,
+    block_size: int | None = None,
+    cost: CostModel = DEFAULT_COST,
+) -> Plan:
+    """The Plan ntk would use (layer groups, sample blocks, memory, flops), without computing the Gram."""
+    model, selected, X, X2 = prepare(model, X, X2, params, precision)
+    spec = Spec(model, output, tuple(selected), precision, next(model.parameters()).device)
+    budget = int(max_memory) if max_memory is not None else default_budget(spec.device)
+    with _engine_mode(spec):
+        st = discover(spec, X, budget, margin=cost.graph_margin)
+    n = n_samples(X)
+    return plan_gram(st, _sizes(spec, n, n if X2 is None else n_samples(X2), X2 is None, budget, block_size, cost),
+                     cost)
+
+
+def layer_structure(
+    model: nn.Module,
+    X: Inputs,
+    *,
+    output: Callable | None = None,
+    params=None,
+    precision: str = "fp32",
+    max_memory: int | None = None,
+) -> Structure:
+    """What the probe finds in `model` on inputs like X (cached, as ntk caches it): the layer calls it contracts
+    (Structure.uses, with their shapes and segments), the parameters it routes to the reference path and why,
+    the block chain, and memory and flops per segment."""
+    model, selected, X, _ = prepare(model, X, None, params, precision)
+    spec = Spec(model, output, tuple(selected), precision, next(model.parameters()).device)
+    budget = int(max_memory) if max_memory is not None else default_budget(spec.device)
+    with _engine_mode(spec):
+        return discover(spec, X, budget)
+
+
+def ntk_fn(model: nn.Module, **options) -> Callable[..., torch.Tensor]:
+    """neural-tangents style: kernel_fn(X, X2=None) -> ntk(model, X, X2, **options), the options fixed."""
+
+    def kernel_fn(X: Inputs, X2: Inputs | None = None) -> torch.Tensor:
+        return ntk(model, X, X2, **options)
+
+    return kernel_fn
+
+
+def default_budget(device: torch.device, fraction: float = 0.9) -> int:
+    """Bytes for the engine's working set: `fraction` of the memory free to torch on a CUDA device (counting
+    blocks its allocator holds but does not use); on CPU, 8 GiB or half the available memory if less."""
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(fraction * free)
+    return int(min(8 << 30, 0.5 * host_memory_available()))
+
+
+def host_memory_available(default: int = 8 << 30) -> int:
+    """Bytes of host memory available (Linux /proc/meminfo; `default` elsewhere)."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        with open("/proc/meminfo") as f:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+        return info.get("MemAvailable", default)
+    return default
+
+
+@contextlib.contextmanager
+def _engine_mode(spec: Spec):
+    """The precision's matmul flags (forward, backward and contractions), the selected parameters requiring
+    grad, and torch's errors said as NTKError, for the whole call."""
+    with matmul_flags(spec.precision), differentiable([p for _, p in spec.selected]), torch_errors():
+        yield
+
+
+def _sizes(spec: Spec, n: int, n2: int, symmetric: bool, budget: int, block_size: int | None,
+           cost: CostModel) -> Sizes:
+    host_ok = spec.device.type == "cuda" if cost.host_cache is None else cost.host_cache
+    return Sizes(n, n2, symmetric, budget, block_size, spec.cap_dtype.itemsize, spec.precision, host_ok,
+                 host_memory_available(0) if host_ok else 0.0)

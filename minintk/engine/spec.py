@@ -1,0 +1,37 @@
+"""Spec: what one call differentiates (f = output(model(x)) w.r.t. the selected parameters), at which precision,
+on which device. Frozen: every step of the engine reads it, none changes it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .precision import TOLERANCE, capture_dtype, vector_dtype
+
+
+@dataclass(frozen=True)
+class Spec:
+    model: nn.Module
+    output: Callable | None
+    selected: tuple[tuple[str, nn.Parameter], ...]
+    precision: str
+    device: torch.device
+
+    @property
+    def cap_dtype(self) -> torch.dtype:
+        return capture_dtype(self.precision)
+
+    @property
+    def vec_dtype(self) -> torch.dtype:
+        return vector_dtype(self.precision)
+
+    @property
+    def tol(self) -> float:
+        return TOLERANCE[self.precision]
+
+    @property
+    def n_params(self) -> int:
+        return sum(p.numel() for _, p in self.selected)

@@ -1,0 +1,111 @@
+"""The tile loop: for each layer group, capture each row block and each column block (only the upper triangle
+of a symmetric Gram) and contract them into K; then the reference path's parameters; then the lower triangle."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from ..kernels._common import mirror_upper
+from .capture import boundary_grads, capture
+from .contract import Workspace, contract
+from .inputs import Inputs
+from .plan import DEFAULT_COST, CostModel, Plan
+from .reference import FallbackJacobian
+from .spec import Spec
+from .stats import Stats
+from .structure import Structure
+
+
+def gram(spec: Spec, st: Structure, plan: Plan, X: Inputs, X2: Inputs | None, *, strategy: str = "auto",
+         cost: CostModel = DEFAULT_COST, stats: Stats | None = None, progress: bool = False) -> torch.Tensor:
+    """K (n C, n2 C) fp64 on spec.device, rows and columns ordered (sample, output), as `plan` says."""
+    start = time.perf_counter()
+    symmetric = X2 is None
+    C, B = st.C, plan.block
+    ws = Workspace.of(plan.workspace, spec.cap_dtype.itemsize, spec.device, spec.precision)
+    K = torch.zeros(plan.n * C, plan.n2 * C, dtype=torch.float64, device=spec.device)
+    rows = [(a, min(plan.n, a + B)) for a in range(0, plan.n, B)]
+    cols = rows if symmetric else [(a, min(plan.n2, a + B)) for a in range(0, plan.n2, B)]
+    tiles = [(i, j) for i in range(len(rows)) for j in range(len(cols)) if not symmetric or j >= i]
+    total = len(plan.groups) * len(tiles) + (len(tiles) if st.fallback else 0)
+    show = progress and (total > 1 or plan.flops > 1e12)
+    if show:
+        print(plan, file=sys.stderr)
+    bar = _bar(total, show)
+    XJ = X if symmetric else X2
+    clock = _Clock(stats, spec.device, start)
+    clock.tick("setup")
+    gI = gJ = hI = hJ = None
+    if plan.segmented:
+        gI, hI = boundary_grads(spec, st, X, plan.n, plan.boundaries, plan.chunk, plan.starts, plan.host_cache)
+        gJ, hJ = (gI, hI) if symmetric else boundary_grads(spec, st, X2, plan.n2, plan.boundaries, plan.chunk,
+                                                            plan.starts, plan.host_cache)
+        clock.tick("boundary")
+    opts = dict(chunk=plan.chunk, graph_budget=plan.graph_budget, margin=cost.graph_margin)
+    for uses in plan.groups:
+        uses = list(uses)
+        for i, (a, b) in enumerate(rows):
+            cI = capture(spec, st, X, a, b, uses, grads=gI, hidden=hI, **opts)
+            clock.tick("capture")
+            for j, (c, d) in enumerate(cols):
+                if symmetric and j < i:
+                    continue
+                same = symmetric and i == j
+                cJ = cI if same else capture(spec, st, XJ, c, d, uses, grads=gJ, hidden=hJ, **opts)
+                clock.tick("capture")
+                tile = contract(uses, cI, cJ, same, ws, strategy, stats, spec.device)
+                clock.tick("contract")
+                if tile is not None:
+                    K[a * C : b * C, c * C : d * C] += tile
+                del cJ
+                bar.update(1)
+            del cI
+    if st.fallback:
+        _fallback(spec, st, X, XJ, rows, cols, symmetric, plan.chunk, K, bar, progress)
+    bar.close()
+    clock.tick("fallback")
+    return _mirror(K, rows, C) if symmetric else K
+
+
+def _fallback(spec, st, X, XJ, rows, cols, symmetric, chunk, K, bar, progress) -> None:
+    """K += J J^T of the reference path's parameters, block by block."""
+    jac = FallbackJacobian(spec, st.fallback, progress)
+    C = st.C
+    for i, (a, b) in enumerate(rows):
+        JI = jac(X, a, b, chunk)
+        for j, (c, d) in enumerate(cols):
+            if symmetric and j < i:
+                continue
+            JJ = JI if symmetric and i == j else jac(XJ, c, d, chunk)
+            K[a * C : b * C, c * C : d * C] += JI.double() @ JJ.double().T
+            bar.update(1)
+
+
+def _mirror(K: torch.Tensor, rows, C: int) -> torch.Tensor:
+    """The lower triangle of tiles from the upper; each diagonal tile's upper triangle mirrored (the last-bit
+    asymmetry of G G^T and of the vector Grams)."""
+    for i, (a, b) in enumerate(rows):
+        for c, d in rows[:i]:
+            K[a * C : b * C, c * C : d * C] = K[c * C : d * C, a * C : b * C].T
+        K[a * C : b * C, a * C : b * C] = mirror_upper(K[a * C : b * C, a * C : b * C])
+    return K
+
+
+class _Clock:
+    """Stats.tick, or nothing when no Stats was asked for."""
+
+    def __init__(self, stats: Stats | None, device: torch.device, t0: float):
+        self.stats, self.device, self.t = stats, device, t0
+
+    def tick(self, phase: str) -> None:
+        if self.stats is not None:
+            self.t = self.stats.tick(phase, self.t, self.device)
+
+
+def _bar(total: int, show: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="NTK tiles", disable=not show, file=sys.stderr, leave=False)
