@@ -1482,7 +1482,7 @@ class _Engine:
         use_ghost = self.strategy == "ghost" or (self.strategy == "auto" and ghost < mat)
         self._count("ghost" if use_ghost else "materialized")
         if use_ghost:
-            return ghost_gram(b1, a1, b2, a2, backend=self.backend, budget=self.kernel_budget)
+            return ghost_gram(b1, a1, b2, a2, budget=self.kernel_budget)
         kw = {"budget": self.mat_budget}
         if same:  # _layerwise makes the diagonal tiles symmetric once, over all layers
             return materialized_gram(b1, a1, b1, a1, same=True, symmetrize=False, **kw)
@@ -1528,7 +1528,7 @@ class _Engine:
         if u.kind == _EMBED and v.kind == _EMBED:
             self._count("embedding")
             return embedding_gram(
-                cI.tok[lu], cI.B[lu], cJ.tok[lv], cJ.B[lv], backend=self.backend, budget=self.kernel_budget
+                cI.tok[lu], cI.B[lu], cJ.tok[lv], cJ.B[lv], budget=self.kernel_budget
             )
         if u.kind == _EMBED or v.kind == _EMBED:
             self._count("tied-cross")
