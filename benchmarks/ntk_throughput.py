@@ -153,8 +153,6 @@ def main() -> None:
     ap.add_argument("--no-check", action="store_true", help="skip the fp64 checks (run them once per session)")
     ap.add_argument("--cases", default="", help="comma list size:n:T, replacing the default grid")
     ap.add_argument("--skip", default="", help="comma list size:n:method to skip, e.g. 1.3B:1024:loop")
-    ap.add_argument("--ghost-backend", default=None, choices=["triton", "blocked"],
-                    help="ghost/embedding contractions on CUDA (minintk.engine.CUDA_GHOST_BACKEND; default: its value)")
     ap.add_argument("--memory-fraction", type=float, default=None,
                     help="default budget as a fraction of free GPU memory (minintk.engine.BUDGET_FRACTION)")
     ap.add_argument("--max-memory", type=float, default=None, help="GiB: minintk's memory budget (max_memory)")
@@ -164,8 +162,6 @@ def main() -> None:
         MAX_MEMORY = int(args.max_memory * 2**30)
     if args.memory_fraction:
         minintk.engine.BUDGET_FRACTION = args.memory_fraction
-    if args.ghost_backend:
-        minintk.engine.CUDA_GHOST_BACKEND = args.ghost_backend
     sizes, ns = args.sizes.split(","), [int(v) for v in args.ns.split(",")]
     precisions, methods = args.precisions.split(","), args.methods.split(",")
     if args.quick:
@@ -184,12 +180,10 @@ def main() -> None:
     meta = {
         "gpu": dev,
         "torch": torch.__version__,
-        "triton": _triton_version(),
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "peaks_tflops": peaks,
         "flop_count": "6 P n T + 2 n^2 P",
-        "ghost_backend": minintk.engine.CUDA_GHOST_BACKEND,
         "budget_fraction": minintk.engine.BUDGET_FRACTION,
         "max_memory_gib": args.max_memory,
     }
@@ -280,21 +274,11 @@ def save(out: Path, meta: dict, checks: list, rows: list) -> None:
     Path(f"{out}.md").write_text(markdown(meta, checks, rows))
 
 
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return "absent"
-
-
 def markdown(meta, checks, rows) -> str:
     lines = [
         f"# NTK Gram throughput on {meta['gpu']}",
         "",
-        f"torch {meta['torch']}, triton {meta['triton']}, CUDA {meta['cuda']}; ghost/embedding contractions: "
-        f"{meta.get('ghost_backend', 'triton')}. Measured matmul peaks (TFLOP/s): "
+        f"torch {meta['torch']}, CUDA {meta['cuda']}. Measured matmul peaks (TFLOP/s): "
         + ", ".join(f"{k} {v:.0f}" for k, v in meta["peaks_tflops"].items())
         + f". Flops counted as {meta['flop_count']}. Output f: label-word logit difference at the last token. "
         + (

@@ -29,7 +29,7 @@ import torch
 from minintk.distributed import TileRunError, status
 
 LABELS = "352,2089"  # two label-word ids, as in ntk_throughput.py (the cost does not depend on them)
-STARTUP_S = 60.0  # a launch's own overhead (imports, 1.3B init and fingerprint, Triton compiles), for the estimate
+STARTUP_S = 60.0  # a launch's own overhead (imports, 1.3B init and fingerprint), for the estimate
 
 
 def cli(args: argparse.Namespace) -> list[str]:
@@ -112,7 +112,7 @@ def markdown(rec: dict) -> str:
         f"# Resumable NTK Gram on {m.get('gpu', '?')}: GPT-Neo-1.3B (random weights), n={m['n']}, T={m['T']}, "
         f"bf16, tiles of {m['tile']}",
         "",
-        f"torch {m['torch']}, triton {m['triton']}, CUDA {m['cuda']}, Python {m['python']}. Output f: label-word "
+        f"torch {m['torch']}, CUDA {m['cuda']}, Python {m['python']}. Output f: label-word "
         f"logit difference at the last token. Each launch runs `{' '.join(m['command'])}`.",
         "",
         "| call | launch | how it ended | wall s | tiles computed | recomputed | tiles done after | tile-seconds "
@@ -177,7 +177,7 @@ def main() -> None:
     rec = json.loads(record_path.read_text()) if record_path.exists() else {"launches": [], "calls": 0}
     rec["calls"] += 1
     rec["meta"] = {**rec.get("meta", {}), "n": args.n, "T": args.T, "tile": args.tile, "torch": torch.__version__,
-                   "triton": _triton_version(), "cuda": torch.version.cuda, "python": platform.python_version(),
+                   "cuda": torch.version.cuda, "python": platform.python_version(),
                    "host": platform.node(), "command": cli(args)}
     while True:
         st = progress(args.work)
@@ -202,15 +202,6 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         if row["returncode"] not in (0, -signal.SIGKILL, -signal.SIGTERM):
             sys.exit(f"launch failed; see {out / log.name}")
-
-
-def _triton_version() -> str:
-    try:
-        import triton
-
-        return triton.__version__
-    except ImportError:
-        return "absent"
 
 
 if __name__ == "__main__":

@@ -1,111 +1,23 @@
-"""Shared helpers of the Gram kernels: backend choice, interpreter mode, input checks, fp32 matmuls.
+"""Shared helpers of the Gram contractions: input checks, fp32-accumulating matmuls, chunking, the mirror.
 
 Nothing here imports from ``minintk``: ``minintk.kernels`` is self-contained.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - e.g. macOS: only the torch paths exist
-
-    class _NoTriton:
-        """Just enough of ``triton`` for the kernel modules to import; kernels are never launched."""
-
-        class Config:
-            def __init__(self, *args: object, **kwargs: object) -> None:
-                pass
-
-        @staticmethod
-        def jit(fn: Callable | None = None, **kwargs: object) -> Callable:
-            return fn if fn is not None else (lambda f: f)
-
-        @staticmethod
-        def autotune(*args: object, **kwargs: object) -> Callable:
-            return lambda f: f
-
-    class _NoTritonLanguage:
-        constexpr = object
-
-    triton = _NoTriton()  # type: ignore[assignment]
-    tl = _NoTritonLanguage()  # type: ignore[assignment]
-    HAS_TRITON = False
-
 __all__ = [
-    "HAS_TRITON",
-    "BACKENDS",
-    "FP32_PRECISIONS",
-    "tl",
-    "triton",
-    "interpreting",
-    "pick_configs",
-    "dot_upcast",
-    "resolve_backend",
     "common_float_dtype",
     "check_linear_pair",
     "check_tokens",
-    "next_pow2",
     "mm_fp32",
     "bmm_fp32",
     "mirror_upper",
     "chunk_size",
 ]
-
-BACKENDS = ("auto", "triton", "torch", "blocked")
-# Precision of tl.dot on float32 inputs (ignored for 16-bit inputs): "ieee" is true fp32 (CUDA cores),
-# "tf32x3" is ~fp32 accuracy on tensor cores, "tf32" is fastest (~1e-3 relative error).
-FP32_PRECISIONS = ("ieee", "tf32x3", "tf32")
-
-
-def interpreting() -> bool:
-    """True when TRITON_INTERPRET=1 is set (kernels then run in Triton's CPU interpreter).
-
-    Set it before ``triton`` is first imported: Triton fixes compiled vs interpreted at import/decoration.
-    """
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def dot_upcast(dtype: torch.dtype) -> bool:
-    """Whether kernels must upcast tl.dot operands to fp32: only for bfloat16 under the interpreter.
-
-    Triton's interpreter (3.x) runs tl.dot on the raw uint16 storage of bfloat16 blocks, which gives
-    garbage; on GPUs the flag is False and the kernels feed bfloat16 to the tensor cores.
-    """
-    return dtype == torch.bfloat16 and interpreting()
-
-
-def pick_configs(configs: list, interpret_config: object) -> list:
-    """The autotune config list: all of ``configs`` on GPU, only ``interpret_config`` when interpreting."""
-    return [interpret_config] if interpreting() else list(configs)
-
-
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """Map ``backend`` in BACKENDS to the path actually taken: "triton", "torch" or "blocked".
-
-    float64 always takes the torch path. "auto" takes Triton on CUDA tensors, and on CPU tensors only
-    when TRITON_INTERPRET=1. "blocked" (cuBLAS token-pair tiles, kernels/blocked.py) runs on any device.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch" or dtype == torch.float64:
-        return "torch"
-    if backend == "blocked":
-        return "blocked"
-    usable = HAS_TRITON and (device.type == "cuda" or (device.type == "cpu" and interpreting()))
-    if backend == "triton" and not usable:
-        raise ValueError(
-            f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set; got device "
-            f"{device} (Triton installed: {HAS_TRITON}, TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET')})"
-        )
-    return "triton" if usable else "torch"
 
 
 def common_float_dtype(**tensors: torch.Tensor) -> torch.dtype:
@@ -151,11 +63,6 @@ def check_tokens(name: str, tok: torch.Tensor, dname: str, D: torch.Tensor) -> N
         raise ValueError(f"{dname} must be 3-D (samples, tokens, features), got shape {tuple(D.shape)}")
     if tuple(tok.shape) != tuple(D.shape[:2]):
         raise ValueError(f"{name} {tuple(tok.shape)} and {dname} {tuple(D.shape)} must share (m, T)")
-
-
-def next_pow2(n: int) -> int:
-    """Smallest power of two >= n (and >= 1)."""
-    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def chunk_size(total: int, per_item: int, budget: int) -> int:

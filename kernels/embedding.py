@@ -4,18 +4,19 @@ An embedding's per-sample gradient is G_i[v] = sum_t [tok_it == v] D_it, hence
     embedding_gram:          <G1_i, G2_j> = sum_{t,s} [tok1_it == tok2_js] (D1_it . D2_js)
 and, for a tied LM head (a Linear with the same (vocab, d) weight, inputs X2 and logit-gradients D2),
     embedding_linear_cross:  <G1_i, D2_j^T X2_j> = sum_{t,s} D2_js[tok1_it] (D1_it . X2_js).
-The first runs the ghost kernel with an equality tile in place of the X tile (``EQUALITY=True``).
+embedding_gram has two paths: the plain-torch reference (CPU, and float64 anywhere) and the blocked path
+(cuBLAS token-pair tiles with an equality mask, blocked.py; the default on CUDA). The cross term is plain
+torch on every device.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._common import check_tokens, chunk_size, mirror_upper, resolve_backend
-from .blocked import blocked_gram
-from .ghost import _ghost_gram_triton
+from ._common import check_tokens, chunk_size, mirror_upper
+from .blocked import TOKEN_PAIR_BUDGET, token_pair_gram
 
-__all__ = ["embedding_gram", "embedding_gram_reference", "embedding_linear_cross"]
+__all__ = ["embedding_gram", "embedding_gram_blocked", "embedding_gram_reference", "embedding_linear_cross"]
 
 _REFERENCE_BUDGET = 1 << 25
 
@@ -24,10 +25,26 @@ def _out_dtype(*ts: torch.Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
 
 
+def _check_pair(tok1: torch.Tensor, D1: torch.Tensor, tok2: torch.Tensor, D2: torch.Tensor) -> torch.dtype:
+    """Check tok (m, T) ids against D (m, T, d) on both sides; the promoted dtype of D1 and D2."""
+    check_tokens("tok1", tok1, "D1", D1)
+    check_tokens("tok2", tok2, "D2", D2)
+    if D1.shape[2] != D2.shape[2]:
+        raise ValueError(f"D1 has d={D1.shape[2]}, D2 has d={D2.shape[2]}")
+    if not (D1.is_floating_point() and D2.is_floating_point()):
+        raise ValueError("D1 and D2 must be floating point")
+    return torch.promote_types(D1.dtype, D2.dtype)
+
+
 def embedding_gram_reference(
     tok1: torch.Tensor, D1: torch.Tensor, tok2: torch.Tensor, D2: torch.Tensor, budget: int = _REFERENCE_BUDGET
 ) -> torch.Tensor:
-    """Plain-torch embedding Gram, chunked over samples: tok (m, T) ints, D (m, T, d) -> (m1, m2)."""
+    """Plain-torch embedding Gram, chunked over samples so intermediates stay below ``budget`` elements.
+
+    tok (m, T) integer ids, D (m, T, d) -> (m1, m2) float32 (float64 if D1 or D2 is float64).
+    ValueError on bad inputs, as :func:`embedding_gram`.
+    """
+    _check_pair(tok1, D1, tok2, D2)
     dt = _out_dtype(D1, D2)
     m1, T1 = tok1.shape
     m2, T2 = tok2.shape
@@ -44,43 +61,61 @@ def embedding_gram_reference(
     return out
 
 
+def embedding_gram_blocked(
+    tok1: torch.Tensor,
+    D1: torch.Tensor,
+    tok2: torch.Tensor,
+    D2: torch.Tensor,
+    *,
+    same: bool = False,
+    budget: int = TOKEN_PAIR_BUDGET,
+) -> torch.Tensor:
+    """Embedding Gram from cuBLAS token-pair tiles (blocked.py) masked by token equality, on any device.
+
+    tok (m, T) integer ids, D (m, T, d) promoted to one floating dtype. Returns float32 (m1, m2) (float64
+    for float64 D); each token-pair tile holds at most ``budget`` elements. same=True (tok2 is tok1, D2 is
+    D1): upper tiles only, exactly symmetric. ValueError on bad inputs.
+    """
+    dtype = _check_pair(tok1, D1, tok2, D2)
+    if same and not (tok2 is tok1 and D2 is D1):
+        raise ValueError("same=True needs tok2 is tok1 and D2 is D1")
+    D1 = D1.to(dtype)
+    D2 = D1 if same else D2.to(dtype)
+    t1, t2 = tok1.reshape(-1), tok2.reshape(-1)
+
+    def weigh(Q: torch.Tensor, rows: slice, cols: slice) -> torch.Tensor:
+        return Q.masked_fill_(t1[rows, None] != t2[None, cols], 0)
+
+    return token_pair_gram(D1, D2, weigh, same=same, budget=budget)
+
+
 def embedding_gram(
     tok1: torch.Tensor,
     D1: torch.Tensor,
     tok2: torch.Tensor | None = None,
     D2: torch.Tensor | None = None,
     *,
-    backend: str = "auto",
-    fp32_precision: str = "ieee",
     budget: int | None = None,
 ) -> torch.Tensor:
     """Gram of per-sample embedding-weight gradients: tok (m, T) integer ids, D (m, T, d) output-gradients.
 
-    Returns float32 (m1, m2) (float64 for float64 D). tok2, D2 omitted: one sample set, exactly symmetric.
-    Token ids need not be in any range (they are only compared). backend, budget as in :func:`ghost_gram`.
+    Returns float32 (m1, m2) with fp32 accumulation (float64 for float64 D). tok2, D2 omitted (or tok2 is
+    tok1 and D2 is D1): one sample set, exactly symmetric. Token ids need not be in any range (they are
+    only compared). Path: on CUDA tensors of 32- or 16-bit dtype embedding_gram_blocked, on CPU and for
+    float64 embedding_gram_reference. budget: elements of each intermediate of that path (default: its
+    own). ValueError on mismatched shapes, non-integer ids or non-floating D.
     """
     if (tok2 is None) != (D2 is None):
         raise ValueError("give both tok2 and D2, or neither")
     same = tok2 is None or (tok2 is tok1 and D2 is D1)
-    if tok2 is None:
+    if tok2 is None or D2 is None:
         tok2, D2 = tok1, D1
-    check_tokens("tok1", tok1, "D1", D1)
-    check_tokens("tok2", tok2, "D2", D2)
-    if D1.shape[2] != D2.shape[2]:
-        raise ValueError(f"D1 has d={D1.shape[2]}, D2 has d={D2.shape[2]}")
-    if not (D1.is_floating_point() and D2.is_floating_point()):
-        raise ValueError("D1 and D2 must be floating point")
-    dtype = torch.promote_types(D1.dtype, D2.dtype)
-    path = resolve_backend(backend, D1.device, dtype)
-    if path == "torch":
-        out = embedding_gram_reference(tok1, D1, tok2, D2, **({"budget": budget} if budget else {}))
-        return mirror_upper(out) if same else out
-    if path == "blocked":
-        kw = {"budget": budget} if budget else {}
-        return blocked_gram(tok1, D1.to(dtype), tok2, D2.to(dtype), same=same, **kw)
-    if min(tok1.numel(), tok2.numel(), D1.shape[2]) == 0:
-        return torch.zeros(tok1.shape[0], tok2.shape[0], dtype=torch.float32, device=D1.device)
-    return _ghost_gram_triton(tok1, D1.to(dtype), tok2, D2.to(dtype), same, fp32_precision)
+    dtype = _check_pair(tok1, D1, tok2, D2)
+    kw = {"budget": budget} if budget else {}
+    if D1.device.type == "cuda" and dtype != torch.float64:
+        return embedding_gram_blocked(tok1, D1, tok2, D2, same=same, **kw)
+    out = embedding_gram_reference(tok1, D1, tok2, D2, **kw)
+    return mirror_upper(out) if same else out
 
 
 def embedding_linear_cross(

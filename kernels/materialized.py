@@ -15,7 +15,7 @@ import torch
 
 from ._common import bmm_fp32, check_linear_pair, common_float_dtype, mm_fp32
 
-__all__ = ["gram_split_k", "materialized_gram", "materialized_gram_reference"]
+__all__ = ["gram_split_k", "materialized_gram", "materialized_gram_reference", "slice_rows", "split_k_pieces"]
 
 # Elements of per-sample gradient slices held at once (both sides), ~1 GiB in fp32.
 DEFAULT_BUDGET = 1 << 28
@@ -45,11 +45,20 @@ def _slice_grads(X: torch.Tensor, D: torch.Tensor, b0: int, b1: int, keep: torch
     return bmm_fp32(Dt, X).to(keep).flatten(1)  # (m, bs * a), fp32 accumulation
 
 
-def _split_k(m1: int, m2: int, K: int, dtype: torch.dtype, cuda: bool, tf32: bool) -> int:
+def split_k_pieces(m1: int, m2: int, K: int, dtype: torch.dtype, cuda: bool, tf32: bool) -> int:
     """Pieces to cut an (m1, K) x (K, m2) Gram's K into (1: one GEMM): CUDA-core fp32 with few outputs only."""
     if not cuda or dtype != torch.float32 or tf32 or m1 * m2 > 128 * 128:
         return 1
     return max(1, min(SPLIT_K * 64 * 64 // (m1 * m2), K // SPLIT_K_MIN_K, SPLIT_K))
+
+
+def slice_rows(b: int, per_row: int, budget: int) -> int:
+    """Weight rows per slice: as many of b as fit in ``budget`` elements at ``per_row`` each (at least 1),
+    rounded down to a multiple of 64 (else of 8) when the weight is cut into several slices."""
+    step = max(1, min(b, budget // max(1, per_row)))
+    if step < b:  # slices start on multiples of 64 rows: misaligned D slices send cuBLAS to slow kernels (3x)
+        step = step // 64 * 64 or step // 8 * 8 or step
+    return step
 
 
 def gram_split_k(G1: torch.Tensor, G2: torch.Tensor, pieces: int) -> torch.Tensor:
@@ -103,16 +112,13 @@ def materialized_gram(
     if min(m1, m2, a, b, X1.shape[1], X2.shape[1]) == 0:
         return torch.zeros(m1, m2, dtype=out_dtype, device=X1.device)
     X1, D1, X2, D2 = (t.to(dtype) for t in (X1, D1, X2, D2))
-    per_row = (m1 + (0 if same else m2)) * a
-    step = max(1, min(b, budget // max(1, per_row)))
-    if step < b:  # slices start on multiples of 64 rows: misaligned D slices send cuBLAS to slow kernels (3x)
-        step = step // 64 * 64 or step // 8 * 8 or step
+    step = slice_rows(b, (m1 + (0 if same else m2)) * a, budget)
     out = None
     for b0 in range(0, b, step):
         b1 = min(b, b0 + step)
         G1 = _slice_grads(X1, D1, b0, b1, dtype)
         G2 = G1 if same else _slice_grads(X2, D2, b0, b1, dtype)
-        pieces = _split_k(m1, m2, G1.shape[1], G1.dtype, G1.is_cuda, torch.backends.cuda.matmul.allow_tf32)
+        pieces = split_k_pieces(m1, m2, G1.shape[1], G1.dtype, G1.is_cuda, torch.backends.cuda.matmul.allow_tf32)
         part = gram_split_k(G1, G2, pieces).to(out_dtype)
         out = part if out is None else out.add_(part)
     assert out is not None

@@ -1,12 +1,8 @@
 import os
 
-# Triton kernels are tested in Triton's CPU interpreter; the mode is fixed when triton is first imported.
-# The engine still takes the torch references on CPU (it asks for the Triton path only on CUDA).
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import settings  # noqa: E402
+import pytest
+import torch
+from hypothesis import settings
 
 # No test may reach a hub: loading code is exercised on checkpoints the tests write.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

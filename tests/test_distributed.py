@@ -43,7 +43,7 @@ SLOW_CLI = (
 
 
 def _env() -> dict:
-    # conftest's TRITON_INTERPRET and offline flags are in os.environ; one thread, as torchrun gives each rank.
+    # conftest's offline flags are in os.environ; one thread, as torchrun gives each rank.
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 
 

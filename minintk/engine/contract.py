@@ -23,14 +23,12 @@ class Workspace:
 
     kernel_elems: int = 1 << 28
     mat_elems: int = 1 << 28
-    backend: str = "torch"  # the ghost and embedding kernels' path: "blocked" on CUDA, "torch" elsewhere and fp64
 
     @staticmethod
-    def of(workspace_bytes: int, cap_itemsize: int, device: torch.device, precision: str) -> Workspace:
+    def of(workspace_bytes: int, cap_itemsize: int) -> Workspace:
         return Workspace(max(1, workspace_bytes // 24),  # ~3 intermediates of 8-byte elements
                          # slices in the capture dtype; half the workspace leaves room for an fp32 operand copy
-                         max(1, workspace_bytes // (2 * cap_itemsize)),
-                         "blocked" if device.type == "cuda" and precision != "fp64" else "torch")
+                         max(1, workspace_bytes // (2 * cap_itemsize)))
 
 
 def choose_form(m1: int, T1: int, m2: int, T2: int, r: int, c: int, same: bool, strategy: str = "auto") -> str:
@@ -84,8 +82,7 @@ def weight_pair(u: Use, v: Use, cI: Capture, cJ: Capture, same: bool, ws: Worksp
     """(<G_i^u, G_j^v> over the two blocks, the form used) for two uses of one weight."""
     lu, lv = u.label, v.label
     if u.kind == EMBED and v.kind == EMBED:
-        return embedding_gram(cI.tok[lu], cI.B[lu], cJ.tok[lv], cJ.B[lv], backend=ws.backend,
-                              budget=ws.kernel_elems), "embedding"
+        return embedding_gram(cI.tok[lu], cI.B[lu], cJ.tok[lv], cJ.B[lv], budget=ws.kernel_elems), "embedding"
     if u.kind == EMBED:
         return embedding_linear_cross(cI.tok[lu], cI.B[lu], cJ.B[lv], cJ.A[lv], budget=ws.kernel_elems), "tied-cross"
     if v.kind == EMBED:
@@ -94,7 +91,7 @@ def weight_pair(u: Use, v: Use, cI: Capture, cJ: Capture, same: bool, ws: Worksp
     a1, b1, a2, b2 = cI.A[lu], cI.B[lu], cJ.A[lv], cJ.B[lv]
     form = choose_form(a1.shape[0], a1.shape[1], a2.shape[0], a2.shape[1], a1.shape[2], b2.shape[2], same, strategy)
     if form == "ghost":
-        return ghost_gram(b1, a1, b2, a2, backend=ws.backend, budget=ws.kernel_elems), form
+        return ghost_gram(b1, a1, b2, a2, budget=ws.kernel_elems), form
     if same:  # the tile loop makes the diagonal tiles symmetric once, over all layers
         return materialized_gram(b1, a1, b1, a1, same=True, symmetrize=False, budget=ws.mat_elems), form
     return materialized_gram(b1, a1, b2, a2, budget=ws.mat_elems), form

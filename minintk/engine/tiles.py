@@ -8,7 +8,7 @@ import time
 
 import torch
 
-from ..kernels._common import mirror_upper
+from ..kernels import mirror_upper
 from .capture import boundary_grads, capture
 from .contract import Workspace, contract
 from .inputs import Inputs
@@ -25,7 +25,7 @@ def gram(spec: Spec, st: Structure, plan: Plan, X: Inputs, X2: Inputs | None, *,
     start = time.perf_counter()
     symmetric = X2 is None
     C, B = st.C, plan.block
-    ws = Workspace.of(plan.workspace, spec.cap_dtype.itemsize, spec.device, spec.precision)
+    ws = Workspace.of(plan.workspace, spec.cap_dtype.itemsize)
     K = torch.zeros(plan.n * C, plan.n2 * C, dtype=torch.float64, device=spec.device)
     rows = [(a, min(plan.n, a + B)) for a in range(0, plan.n, B)]
     cols = rows if symmetric else [(a, min(plan.n2, a + B)) for a in range(0, plan.n2, B)]
