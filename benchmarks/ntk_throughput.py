@@ -19,10 +19,9 @@ from pathlib import Path
 
 import torch
 
-import minintk.engine
 from minintk import Decoder
 from minintk.config import gpt_neo_config
-from minintk.engine import ntk
+from minintk.engine import CostModel, NTKError, Stats, default_budget, ntk, plan
 
 LABELS = (352, 2089)  # two label-word ids (any pair: cost does not depend on them)
 
@@ -70,7 +69,7 @@ def timed(model, X, precision, method, repeats: int, warmup: bool = True):
     without a second large run. Each method starts from an empty allocator cache; the timed calls are steady
     state (no `empty_cache` between them: a cudaMalloc of GiBs per call would be timed otherwise).
     """
-    best, K, stats, warm = None, None, {}, None
+    best, K, stats, warm = None, None, None, None
     torch.cuda.empty_cache()
     if not warmup:
         torch.cuda.synchronize()
@@ -81,7 +80,7 @@ def timed(model, X, precision, method, repeats: int, warmup: bool = True):
     for r in range(0 if warmup else 1, repeats + 1):
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
-        s = {"time_forms": X.shape[0] >= 1024}  # per-form seconds (a sync per layer) only where it is negligible
+        s = Stats(time_forms=X.shape[0] >= 1024)  # per-form seconds (a sync per layer) only where it is negligible
         t = time.perf_counter()
         K = run(model, X, precision, method, stats=s if method == "minintk" else None)
         torch.cuda.synchronize()
@@ -120,22 +119,20 @@ def check_segmented(m, X, ref) -> list[dict]:
     """fp64 segmented plans on the GPU: the boundary cache on the device, then in pinned host memory (a budget
     and free copies that make the planner choose each), against the same fp64 reference."""
     rows = []
-    old = minintk.engine.HOST_BYTES_PER_S
     for host in (False, True):
-        minintk.engine.HOST_BYTES_PER_S = 1e18 if host else 1.0  # copies free, or too dear to choose
+        cost = CostModel(host_bytes_per_s=1e18 if host else 1.0)  # copies free, or too dear to choose
         for k in range(60):
             budget = int(256e6 * 0.85**k)
             try:
-                p = minintk.engine.plan(m, X, precision="fp64", max_memory=budget)
-            except minintk.engine.NTKError:
+                p = plan(m, X, precision="fp64", max_memory=budget, cost=cost)
+            except NTKError:
                 break
             if p.segmented and p.host_cache == host and len(p.groups) > 1:
-                K = ntk(m, X, precision="fp64", max_memory=budget, progress=False)
+                K = ntk(m, X, precision="fp64", max_memory=budget, progress=False, cost=cost)
                 label = f"minintk segmented, cache in {'host' if host else 'device'} memory"
                 rows.append({"method": label, "precision": "fp64", "rel_err_vs_fp64_func": rel(K, ref)})
                 print(f"check {label}: {p}; rel err {rows[-1]['rel_err_vs_fp64_func']:.2e}", flush=True)
                 break
-    minintk.engine.HOST_BYTES_PER_S = old
     return rows
 
 
@@ -154,14 +151,14 @@ def main() -> None:
     ap.add_argument("--cases", default="", help="comma list size:n:T, replacing the default grid")
     ap.add_argument("--skip", default="", help="comma list size:n:method to skip, e.g. 1.3B:1024:loop")
     ap.add_argument("--memory-fraction", type=float, default=None,
-                    help="default budget as a fraction of free GPU memory (minintk.engine.BUDGET_FRACTION)")
+                    help="budget as this fraction of the free GPU memory (minintk.engine.default_budget; default 0.9)")
     ap.add_argument("--max-memory", type=float, default=None, help="GiB: minintk's memory budget (max_memory)")
     args = ap.parse_args()
     global MAX_MEMORY
     if args.max_memory:
         MAX_MEMORY = int(args.max_memory * 2**30)
     if args.memory_fraction:
-        minintk.engine.BUDGET_FRACTION = args.memory_fraction
+        MAX_MEMORY = default_budget(torch.device("cuda"), args.memory_fraction)
     sizes, ns = args.sizes.split(","), [int(v) for v in args.ns.split(",")]
     precisions, methods = args.precisions.split(","), args.methods.split(",")
     if args.quick:
@@ -184,7 +181,7 @@ def main() -> None:
         "python": platform.python_version(),
         "peaks_tflops": peaks,
         "flop_count": "6 P n T + 2 n^2 P",
-        "budget_fraction": minintk.engine.BUDGET_FRACTION,
+        "budget_fraction": args.memory_fraction or 0.9,
         "max_memory_gib": args.max_memory,
     }
     out = Path(args.out)
@@ -227,21 +224,21 @@ def main() -> None:
                     tflops=flops / sec / 1e12,
                     frac_peak=flops / sec / 1e12 / peaks[p],
                 )
-                if stats:
-                    plan = stats.get("plan")
+                if stats is not None:
+                    used, sec = stats.plan, stats.seconds
                     row.update(
-                        capture_s=stats.get("capture", 0.0) + stats.get("boundary", 0.0),
-                        boundary_s=stats.get("boundary", 0.0),
-                        contract_s=stats.get("contract", 0.0),
-                        setup_s=stats.get("setup", 0.0),
-                        peak_phase=stats.get("peak_phase"),
-                        forms=stats.get("forms", {}),
-                        form_seconds=stats.get("form_seconds", {}),
-                        groups=len(plan.groups) if plan else None,
-                        block=plan.block if plan else None,
-                        segmented=plan.segmented if plan else None,
-                        passes=plan.passes if plan else None,
-                        plan=str(plan) if plan else None,
+                        capture_s=sec.get("capture", 0.0) + sec.get("boundary", 0.0),
+                        boundary_s=sec.get("boundary", 0.0),
+                        contract_s=sec.get("contract", 0.0),
+                        setup_s=sec.get("setup", 0.0),
+                        peak_phase=stats.peak_phase,
+                        forms=stats.forms,
+                        form_seconds=stats.form_seconds,
+                        groups=len(used.groups) if used else None,
+                        block=used.block if used else None,
+                        segmented=used.segmented if used else None,
+                        passes=used.passes if used else None,
+                        plan=str(used) if used else None,
                     )
                     gram_flops = 2 * n * n * P + 2 * P * n * T  # forming per-sample gradients + their Gram
                     if row["contract_s"]:

@@ -14,7 +14,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from minintk import Decoder
 from minintk.config import gpt_neo_config
-from minintk.engine import _matmul_flags, _precision_mode, ntk
+from minintk.engine import Stats, ntk
+from minintk.engine.precision import forward_mode, matmul_flags
 
 
 def best_of(fn, repeats: int) -> float:
@@ -54,26 +55,26 @@ def profile_one(model, X, prec: str, args) -> None:
     ntk(model, X, precision=prec, progress=False, max_memory=args.max_memory)  # warm-up: discovery, autotune
 
     def fwd_bwd():
-        with _matmul_flags(prec), _precision_mode(prec, X.device):
+        with matmul_flags(prec), forward_mode(prec, X.device):
             f = model(X)
-        with _matmul_flags(prec):
+        with matmul_flags(prec):
             torch.autograd.grad(f.sum(), params)
 
     def fwd():
-        with torch.no_grad(), _matmul_flags(prec), _precision_mode(prec, X.device):
+        with torch.no_grad(), matmul_flags(prec), forward_mode(prec, X.device):
             model(X)
 
-    stats: dict = {}
+    stats = Stats()
     t_call = best_of(lambda: ntk(model, X, precision=prec, progress=False, max_memory=args.max_memory), args.repeats)
     torch.cuda.reset_peak_memory_stats()
     ntk(model, X, precision=prec, progress=False, stats=stats, max_memory=args.max_memory)
-    phases = {k: round(v, 4) for k, v in stats.items() if isinstance(v, float)}
-    phases["peak GiB"] = round(stats.get("peak_bytes", 0) / 2**30, 2)
-    phases["peak in"] = stats.get("peak_phase")
+    phases = {k: round(v, 4) for k, v in stats.seconds.items()}
+    phases["peak GiB"] = round(stats.peak_bytes / 2**30, 2)
+    phases["peak in"] = stats.peak_phase
     print(f"== {args.size} n={args.n} T={args.T} {prec}: ntk {t_call:.4f} s; forward {best_of(fwd, 3):.4f} s, "
           f"forward+backward {best_of(fwd_bwd, 3):.4f} s; phases (synchronized) {phases} forms "
-          f"{stats.get('forms')}", flush=True)
-    print(stats.get("plan"), flush=True)
+          f"{stats.forms}", flush=True)
+    print(stats.plan, flush=True)
     if args.no_profile:
         return
     torch.cuda.synchronize()
