@@ -225,12 +225,12 @@ def main() -> None:
                     frac_peak=flops / sec / 1e12 / peaks[p],
                 )
                 if stats is not None:
-                    used, sec = stats.plan, stats.seconds
+                    used, phase = stats.plan, stats.seconds
                     row.update(
-                        capture_s=sec.get("capture", 0.0) + sec.get("boundary", 0.0),
-                        boundary_s=sec.get("boundary", 0.0),
-                        contract_s=sec.get("contract", 0.0),
-                        setup_s=sec.get("setup", 0.0),
+                        capture_s=phase.get("capture", 0.0) + phase.get("boundary", 0.0),
+                        boundary_s=phase.get("boundary", 0.0),
+                        contract_s=phase.get("contract", 0.0),
+                        setup_s=phase.get("setup", 0.0),
                         peak_phase=stats.peak_phase,
                         forms=stats.forms,
                         form_seconds=stats.form_seconds,
