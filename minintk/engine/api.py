@@ -32,6 +32,7 @@ def ntk(
     precision: str = "fp32",
     strategy: str = "auto",
     trace: bool = False,
+    diagonal: bool = False,
     normalize: bool | float = False,
     max_memory: int | None = None,
     block_size: int | None = None,
@@ -43,8 +44,12 @@ def ntk(
 
     X: (n, T) token ids, or (n, ...) inputs, or a dict of them passed as keywords (a tokenizer's output works);
     X2 the same for a cross kernel (default X). output: f of the model's batched output -> (n,) or (n, C)
-    (label_words for LMs); None uses the output as it is. Returns (n, n2), or (n, n2, C, C) for C outputs
-    (trace=True sums the diagonal over outputs -> (n, n2)); fp64 for precision="fp64", else fp32.
+    (label_words for LMs); None uses the output as it is. Returns, fp64 for precision="fp64" else fp32:
+    (n, n2) for one output per sample; for C outputs (n, n2, C, C) with every pair of outputs, or with
+    trace=True (n, n2) the MEAN over outputs (1/C) sum_c Theta_cc (neural-tangents' convention, and the kernel
+    with which each output moves under the loss (1/2n) sum ||f - y||^2: docs/theory.md section 2.2), or with
+    diagonal=True (n, n2, C) the per-output kernels Theta_cc. Trace and diagonal are contracted inside each
+    layer: their memory and Gram flops are about C times below the full kernel's.
     params: see select_params (frozen parameters named there are differentiated too). normalize: True divides
     by the model's width (docs/theory.md section 1.3), a number divides by it. strategy: "auto" picks the
     ghost or materialized form per layer by cost; "ghost"/"materialized" force one; "loop" and "func" are the
@@ -56,13 +61,18 @@ def ntk(
         raise NTKError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if strategy not in STRATEGIES:
         raise NTKError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    if trace and diagonal:
+        raise NTKError("trace=True and diagonal=True exclude each other: trace -> (n, n2), diagonal -> (n, n2, C)")
+    outputs = "trace" if trace else "diagonal" if diagonal else "full"
     model, selected, X, X2 = prepare(model, X, X2, params, precision)
     n = n_samples(X)
     n2 = n if X2 is None else n_samples(X2)
-    spec = Spec(model, output, tuple(selected), precision, next(model.parameters()).device)
+    spec = Spec(model, output, tuple(selected), precision, next(model.parameters()).device,
+                "full" if strategy in ("loop", "func") else outputs)
     with _engine_mode(spec):
         if strategy in ("loop", "func"):
             K, C, scalar = reference_gram(spec, X, X2, n, n2, strategy, progress)
+            K = _outputs_of_full(K, n, n2, C, outputs)
         else:
             budget = int(max_memory) if max_memory is not None else default_budget(spec.device)
             st = discover(spec, X, budget, margin=cost.graph_margin, progress=progress)
@@ -71,11 +81,11 @@ def ntk(
                 stats.plan = p
             K = gram(spec, st, p, X, X2, strategy=strategy, cost=cost, stats=stats, progress=progress)
             C, scalar = st.C, st.scalar_output
-    K = K.reshape(n, C, n2, C).permute(0, 2, 1, 3)
-    if trace:
-        K = K.diagonal(dim1=2, dim2=3).sum(-1)
-    elif scalar:
-        K = K[:, :, 0, 0]
+    if outputs == "full":
+        K = K.reshape(n, C, n2, C).permute(0, 2, 1, 3)
+        K = K[:, :, 0, 0] if scalar else K
+    elif outputs == "trace":
+        K = K / C
     if normalize:
         K = K / (width(model) if normalize is True else float(normalize))
     return K.to(result_dtype(precision)).contiguous()
@@ -91,11 +101,14 @@ def plan(
     precision: str = "fp32",
     max_memory: int | None = None,
     block_size: int | None = None,
+    trace: bool = False,
+    diagonal: bool = False,
     cost: CostModel = DEFAULT_COST,
 ) -> Plan:
     """The Plan ntk would use (layer groups, sample blocks, memory, flops), without computing the Gram."""
     model, selected, X, X2 = prepare(model, X, X2, params, precision)
-    spec = Spec(model, output, tuple(selected), precision, next(model.parameters()).device)
+    outputs = "trace" if trace else "diagonal" if diagonal else "full"
+    spec = Spec(model, output, tuple(selected), precision, next(model.parameters()).device, outputs)
     budget = int(max_memory) if max_memory is not None else default_budget(spec.device)
     with _engine_mode(spec):
         st = discover(spec, X, budget, margin=cost.graph_margin)
@@ -121,6 +134,14 @@ def layer_structure(
     budget = int(max_memory) if max_memory is not None else default_budget(spec.device)
     with _engine_mode(spec):
         return discover(spec, X, budget)
+
+
+def _outputs_of_full(K: torch.Tensor, n: int, n2: int, C: int, outputs: str) -> torch.Tensor:
+    """A full (n C, n2 C) Gram in the layout of `outputs` (the sum over outputs for "trace", as the engine's)."""
+    if outputs == "full":
+        return K
+    diag = K.reshape(n, C, n2, C).diagonal(dim1=1, dim2=3)  # (n, n2, C)
+    return diag.sum(-1) if outputs == "trace" else diag
 
 
 def ntk_fn(model: nn.Module, **options) -> Callable[..., torch.Tensor]:
@@ -163,4 +184,4 @@ def _sizes(spec: Spec, n: int, n2: int, symmetric: bool, budget: int, block_size
            cost: CostModel) -> Sizes:
     host_ok = spec.device.type == "cuda" if cost.host_cache is None else cost.host_cache
     return Sizes(n, n2, symmetric, budget, block_size, spec.cap_dtype.itemsize, spec.precision, host_ok,
-                 host_memory_available(0) if host_ok else 0.0)
+                 host_memory_available(0) if host_ok else 0.0, spec.outputs)

@@ -23,10 +23,13 @@ from .structure import Structure, run_graph, runs
 
 @dataclass
 class Capture:
-    """Per-use factors of m samples x C outputs (virtual samples m C), after time compression.
+    """Per-use factors of m samples x C outputs, after time compression. Layout by Spec.outputs:
+    "full": virtual samples (m C rows, i C + c), every factor; "diagonal": the per-output factor (D) and the
+    vectors in virtual samples, the per-sample one (X, tokens) in m rows; "trace": m rows, the C outputs' D side
+    by side (T, C d_out) and the vectors side by side (C numel), so that one Gram sums over outputs.
 
-    Matrix weights: G = A^T B with A (mC, T, r), B (mC, T, c) (tokens (mC, T) instead of A for embeddings).
-    Vectors: per-sample gradient of each vector parameter (mC, numel), multiplier applied.
+    Matrix weights: G = A^T B with A (rows, T, r), B (rows, T, c) (tokens (rows, T) instead of A for embeddings).
+    Vectors: per-sample gradient of each vector parameter (rows, numel), multiplier applied.
     """
 
     A: dict = field(default_factory=dict)
@@ -75,8 +78,14 @@ def factors(spec: Spec, rec: Recorder, uses: list[Use], f, m: int, columns=None,
     xs: dict[tuple, torch.Tensor] = {}  # one stored copy of an input several layers read (q/k/v projections)
     for i, u in enumerate(uses):
         Dl, Ds[i] = Ds[i], None  # a layer's output-gradient is freed once its factors are stored
-        D = Dl[0].reshape(m, -1, u.d_out)
-        D = D if C == 1 else torch.stack([d.reshape(m, -1, u.d_out) for d in Dl], 1).reshape(m * C, -1, u.d_out)
+        Dl = [d.reshape(m, -1, u.d_out) for d in Dl]
+        if C == 1:
+            D = Dl[0]
+        elif spec.outputs == "trace":  # the outputs side by side: (m, T, C d_out)
+            D = torch.cat(Dl, -1)
+        else:  # virtual samples: (m C, T, d_out)
+            D = torch.stack(Dl, 1).reshape(m * C, -1, u.d_out)
+        del Dl
         _store(spec, cap, u, rec.inputs[(id(u.module), u.call)], D, m, C, xs, magnitudes)
     return cap
 
@@ -85,26 +94,32 @@ def _store(spec: Spec, cap: Capture, u: Use, x: torch.Tensor, D: torch.Tensor, m
            magnitudes: bool) -> None:
     """One use's factors into cap: D (mC, T, d_out), x the layer's recorded input."""
     dt, vt = spec.cap_dtype, spec.vec_dtype
+    full = spec.outputs == "full"
 
     def per_virtual(t):  # (m, ...) -> (m C, ...), each sample repeated for its C outputs
         return t if C == 1 else t[:, None].expand(m, C, *t.shape[1:]).reshape(m * C, *t.shape[1:])
 
+    def like_d(t):  # a per-sample (m, T, d) factor laid out as D is, for elementwise products with it
+        return t.repeat(1, 1, C) if spec.outputs == "trace" and C > 1 else per_virtual(t)
+
     if u.kind == EMBED:
-        tok = per_virtual(x.reshape(m, -1))
+        tok = x.reshape(m, -1)
         if u.module.padding_idx is not None:  # torch gives the padding row no gradient
-            D = D.masked_fill((tok == u.module.padding_idx)[..., None], 0)
+            pad = (tok == u.module.padding_idx)[..., None]
+            D = D.masked_fill(pad if spec.outputs == "trace" else per_virtual(pad), 0)
         if u.weight is not None:
-            cap.tok[u.label], cap.B[u.label] = tok, D.to(dt)
+            cap.tok[u.label], cap.B[u.label] = (per_virtual(tok) if full else tok), D.to(dt)
         return
     if u.kind == NORM and u.weight is not None:
-        terms = D.to(vt) * per_virtual(norm_hat(u.module, x).reshape(m, -1, u.d_out)).to(vt)
+        terms = D.to(vt) * like_d(norm_hat(u.module, x).reshape(m, -1, u.d_out)).to(vt)
         cap.vec[(u.label, "weight")] = terms.sum(1)
         if magnitudes:
             cap.vec_abs[(u.label, "weight")] = terms.abs().sum(1)
     elif u.kind != NORM and u.weight is not None:
         sig = storage(x)
         if sig not in xs:
-            xs[sig] = per_virtual(x.reshape(m, -1, x.shape[-1])).to(dt)
+            X = x.reshape(m, -1, x.shape[-1])
+            xs[sig] = (per_virtual(X) if full else X).to(dt)
         # Row factor A spans the weight's first dimension: D for Linear (out, in), X for Conv1D (in, out).
         A, B = (D.to(dt), xs[sig]) if u.kind == LINEAR else (xs[sig], D.to(dt))
         cap.A[u.label], cap.B[u.label] = A, B
@@ -119,7 +134,7 @@ def capture_chunks(spec: Spec, st: Structure, X: Inputs, lo: int, hi: int, uses:
                    grads=None, hidden=None) -> Capture:
     """Factors of samples lo:hi for `uses`, forward/backward in chunks (of a run of segments, see blocks.forward;
     grads, hidden: boundary_grads' caches, from which a run is rooted and started)."""
-    cap, C, made = Capture(), st.C, None
+    cap, made = Capture(), None
     e = run[0] - 1 if run is not None else -1
     for a in range(lo, hi, chunk):
         b = min(hi, a + chunk)
@@ -135,14 +150,15 @@ def capture_chunks(spec: Spec, st: Structure, X: Inputs, lo: int, hi: int, uses:
             return part
         if made is None:  # the factors of all samples lo:hi, filled chunk by chunk; a shared factor, one buffer
             made = {}
-            for name, key, v in part.items():
-                made.setdefault(id(v), v.new_empty(((hi - lo) * C, *v.shape[1:])))
+            for name, key, v in part.items():  # rows per sample: C (virtual samples) or 1
+                made.setdefault(id(v), v.new_empty(((hi - lo) * (v.shape[0] // (b - a)), *v.shape[1:])))
                 getattr(cap, name)[key] = made[id(v)]
         done: set[int] = set()
         for name, key, v in part.items():
             if id(v) not in done:
                 done.add(id(v))
-                getattr(cap, name)[key][(a - lo) * C : (b - lo) * C] = v
+                k = v.shape[0] // (b - a)
+                getattr(cap, name)[key][(a - lo) * k : (b - lo) * k] = v
         del part
     return cap
 
@@ -158,7 +174,8 @@ def capture(spec: Spec, st: Structure, X: Inputs, lo: int, hi: int, uses: list[U
     else:
         cap = Capture()
         for run, us in runs(uses):
-            per = run_graph(st, run, margin) + capture_bytes(us, spec.cap_dtype.itemsize, st.C)
+            per = run_graph(st, run, margin) + capture_bytes(us, spec.cap_dtype.itemsize, st.C,
+                                                             spec.outputs == "full")
             c = max(1, min(hi - lo, int(graph_budget // per)))
             for name, key, v in capture_chunks(spec, st, X, lo, hi, us, c, run, grads, hidden).items():
                 getattr(cap, name)[key] = v

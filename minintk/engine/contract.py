@@ -10,7 +10,7 @@ import torch
 
 from ..kernels import embedding_gram, embedding_linear_cross, ghost_gram, materialized_gram
 from .capture import Capture
-from .layers import EMBED, NORM, Use
+from .layers import EMBED, LINEAR, NORM, Use
 from .stats import Stats
 
 STRATEGIES = ("auto", "ghost", "materialized", "loop", "func")
@@ -43,8 +43,10 @@ def choose_form(m1: int, T1: int, m2: int, T2: int, r: int, c: int, same: bool, 
 
 
 def contract(uses: list[Use], cI: Capture, cJ: Capture, same: bool, ws: Workspace, strategy: str = "auto",
-             stats: Stats | None = None, device: torch.device | None = None) -> torch.Tensor | None:
-    """sum over parameters of <G_i, G_j> for the uses of one layer group: (mI C, mJ C) fp64 (None if no use)."""
+             stats: Stats | None = None, device: torch.device | None = None, outputs: str = "full",
+             C: int = 1) -> torch.Tensor | None:
+    """sum over parameters of <G_i, G_j> for the uses of one layer group, in fp64 (None if no use): (mI C, mJ C)
+    for outputs "full", (mI, mJ) summed over the C outputs for "trace", (mI, mJ, C) for "diagonal"."""
     K = None
 
     def add(t: torch.Tensor, w: float = 1.0) -> None:  # K += w t in fp64, one kernel per term
@@ -58,11 +60,11 @@ def contract(uses: list[Use], cI: Capture, cJ: Capture, same: bool, ws: Workspac
         for p, key in ((u.bias, "bias"), (u.weight if u.kind == NORM else None, "weight")):
             if p is not None and (u.label, key) in cI.vec:
                 vec_keys.setdefault(id(p), []).append((u.label, key))
-    if vec_keys:  # every vector parameter's per-sample gradient side by side: one matmul
+    if vec_keys:  # every vector parameter's per-sample gradient side by side: one matmul (one per output)
         t0 = time.perf_counter()
         gI = torch.cat([_sum([cI.vec[k] for k in keys]) for keys in vec_keys.values()], 1)
         gJ = gI if same else torch.cat([_sum([cJ.vec[k] for k in keys]) for keys in vec_keys.values()], 1)
-        add(gI @ gJ.T)
+        add(_per_output(lambda c: _rows(gI, C, c, outputs) @ _rows(gJ, C, c, outputs).T, C, outputs))
         _note(stats, "vector", t0, device, len(vec_keys))
     by_param: dict[int, list[Use]] = {}
     for u in uses:
@@ -72,29 +74,98 @@ def contract(uses: list[Use], cI: Capture, cJ: Capture, same: bool, ws: Workspac
         for u in us:
             for v in us:  # every pair of uses of one parameter (a tied one's cross terms)
                 t0 = time.perf_counter()
-                tile, form = weight_pair(u, v, cI, cJ, same and u is v, ws, strategy)
+                pair = Pair(u, v, cI, cJ, same and u is v, ws, strategy, outputs, C)
+                tile, form = pair.gram()
                 add(tile, u.w_mult * v.w_mult)
                 _note(stats, form, t0, device)
     return K
 
 
-def weight_pair(u: Use, v: Use, cI: Capture, cJ: Capture, same: bool, ws: Workspace, strategy: str):
-    """(<G_i^u, G_j^v> over the two blocks, the form used) for two uses of one weight."""
-    lu, lv = u.label, v.label
-    if u.kind == EMBED and v.kind == EMBED:
-        return embedding_gram(cI.tok[lu], cI.B[lu], cJ.tok[lv], cJ.B[lv], budget=ws.kernel_elems), "embedding"
-    if u.kind == EMBED:
-        return embedding_linear_cross(cI.tok[lu], cI.B[lu], cJ.B[lv], cJ.A[lv], budget=ws.kernel_elems), "tied-cross"
-    if v.kind == EMBED:
-        cross = embedding_linear_cross(cJ.tok[lv], cJ.B[lv], cI.B[lu], cI.A[lu], budget=ws.kernel_elems)
-        return cross.T, "tied-cross"
-    a1, b1, a2, b2 = cI.A[lu], cI.B[lu], cJ.A[lv], cJ.B[lv]
-    form = choose_form(a1.shape[0], a1.shape[1], a2.shape[0], a2.shape[1], a1.shape[2], b2.shape[2], same, strategy)
-    if form == "ghost":
-        return ghost_gram(b1, a1, b2, a2, budget=ws.kernel_elems), form
-    if same:  # the tile loop makes the diagonal tiles symmetric once, over all layers
-        return materialized_gram(b1, a1, b1, a1, same=True, symmetrize=False, budget=ws.mat_elems), form
-    return materialized_gram(b1, a1, b2, a2, budget=ws.mat_elems), form
+def _rows(t: torch.Tensor, C: int, c: int | None, outputs: str) -> torch.Tensor:
+    """A virtual-sample factor (m C, ...) restricted to output c (m, ...) in "diagonal" mode; else itself."""
+    if outputs != "diagonal" or C == 1 or c is None:
+        return t
+    return t.view(t.shape[0] // C, C, *t.shape[1:])[:, c]
+
+
+def _per_output(gram, C: int, outputs: str) -> torch.Tensor:
+    """gram(c) for every output, stacked (m1, m2, C), in "diagonal" mode; else gram(None)."""
+    if outputs != "diagonal":
+        return gram(None)
+    return torch.stack([gram(c) for c in range(C)], -1)
+
+
+@dataclass(frozen=True)
+class Pair:
+    """Two uses u, v of one weight over the samples of two captures; gram() -> (their Gram, the form used)."""
+
+    u: Use
+    v: Use
+    cI: Capture
+    cJ: Capture
+    same: bool
+    ws: Workspace
+    strategy: str
+    outputs: str
+    C: int
+
+    def gram(self):
+        u, v = self.u, self.v
+        if u.kind == EMBED and v.kind == EMBED:
+            return self._each(self._embedding), "embedding"
+        if u.kind == EMBED or v.kind == EMBED:
+            return self._each(self._tied_cross, side_by_side=True), "tied-cross"
+        a1, b2 = self.cI.A[u.label], self.cJ.B[v.label]
+        m1, T1 = a1.shape[0] // (self.C if self.outputs == "diagonal" else 1), a1.shape[1]
+        m2, T2 = b2.shape[0] // (self.C if self.outputs == "diagonal" else 1), b2.shape[1]
+        form = choose_form(m1, T1, m2, T2, a1.shape[2], b2.shape[2], self.same, self.strategy)
+        return self._each(lambda c: self._dense(form, c)), form
+
+    def _each(self, gram, side_by_side: bool = False) -> torch.Tensor:
+        """gram(c) per output for "diagonal"; for "trace" either one call (the factors hold the outputs side by
+        side) or, for pairs whose two layouts differ (a tied embedding and head), the sum of per-output calls."""
+        if self.outputs == "diagonal":
+            return torch.stack([gram(c) for c in range(self.C)], -1)
+        if self.outputs == "trace" and side_by_side and self.C > 1:
+            return _sum([gram(c) for c in range(self.C)])
+        return gram(None)
+
+    def _get(self, cap: Capture, field: str, use: Use, c: int | None) -> torch.Tensor:
+        """A factor, restricted to output c: a row slice of virtual samples ("diagonal"), a feature slice of the
+        side-by-side layout ("trace", per-output D only)."""
+        t = getattr(cap, field)[use.label]
+        per_output = field == ("A" if use.kind == LINEAR else "B")  # D: A for Linear, B for Conv1D and Embedding
+        if c is None or not per_output:
+            return t
+        if self.outputs == "diagonal":
+            return _rows(t, self.C, c, "diagonal")
+        d = t.shape[-1] // self.C
+        return t[..., c * d : (c + 1) * d]
+
+    def _embedding(self, c):
+        u, v, ws = self.u, self.v, self.ws
+        return embedding_gram(self.cI.tok[u.label], self._get(self.cI, "B", u, c), self.cJ.tok[v.label],
+                              self._get(self.cJ, "B", v, c), budget=ws.kernel_elems)
+
+    def _tied_cross(self, c):
+        u, v, ws = self.u, self.v, self.ws
+        if u.kind == EMBED:
+            return embedding_linear_cross(self.cI.tok[u.label], self._get(self.cI, "B", u, c),
+                                          self._get(self.cJ, "B", v, c), self._get(self.cJ, "A", v, c),
+                                          budget=ws.kernel_elems)
+        return embedding_linear_cross(self.cJ.tok[v.label], self._get(self.cJ, "B", v, c),
+                                      self._get(self.cI, "B", u, c), self._get(self.cI, "A", u, c),
+                                      budget=ws.kernel_elems).T
+
+    def _dense(self, form: str, c):
+        u, v, ws = self.u, self.v, self.ws
+        a1, b1 = self._get(self.cI, "A", u, c), self._get(self.cI, "B", u, c)
+        a2, b2 = self._get(self.cJ, "A", v, c), self._get(self.cJ, "B", v, c)
+        if form == "ghost":
+            return ghost_gram(b1, a1, b2, a2, budget=ws.kernel_elems)
+        if self.same:  # the tile loop makes the diagonal tiles symmetric once, over all layers
+            return materialized_gram(b1, a1, b1, a1, same=True, symmetrize=False, budget=ws.mat_elems)
+        return materialized_gram(b1, a1, b2, a2, budget=ws.mat_elems)
 
 
 def _sum(ts: list[torch.Tensor]) -> torch.Tensor:

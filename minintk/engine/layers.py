@@ -96,18 +96,19 @@ class Use:
     def params(self) -> list[nn.Parameter]:
         return [p for p in (self.weight, self.bias) if p is not None]
 
-    def bytes_per_sample(self, elem: int, C: int, with_x: bool = True) -> int:
-        """Bytes a capture keeps per sample: the factors, or for LayerNorm its summed (fp32/fp64) vector gradients."""
+    def bytes_per_sample(self, elem: int, C: int, with_x: bool = True, x_per_output: bool = True) -> int:
+        """Bytes a capture keeps per sample: the factors (the input once, or once per output for the full
+        multi-output kernel; the output-gradient per output), or for LayerNorm its summed vector gradients."""
         if self.kind == NORM:
             return C * ((self.weight is not None) + (self.bias is not None)) * self.d_out * max(elem, 4)
         x = self.T * (self.d_in if self.kind != EMBED else 1) * (8 if self.kind == EMBED else elem)
-        return C * (x * with_x + self.T * self.d_out * elem)
+        return (C if x_per_output else 1) * x * with_x + C * self.T * self.d_out * elem
 
 
-def capture_bytes(uses: list[Use], elem: int, C: int) -> int:
+def capture_bytes(uses: list[Use], elem: int, C: int, x_per_output: bool = True) -> int:
     """Capture bytes per sample of a set of uses, counting an input shared by several of them once."""
     labels = {u.label for u in uses}
-    return sum(u.bytes_per_sample(elem, C, with_x=u.shares_x not in labels) for u in uses)
+    return sum(u.bytes_per_sample(elem, C, u.shares_x not in labels, x_per_output) for u in uses)
 
 
 def storage(t: torch.Tensor) -> tuple:

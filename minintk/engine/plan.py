@@ -104,6 +104,11 @@ class Sizes:
     precision: str
     host_ok: bool = False
     host_bytes: float = 0.0
+    outputs: str = "full"  # Spec.outputs: the full multi-output kernel keeps inputs per output, C^2 Gram flops
+
+    @property
+    def x_per_output(self) -> bool:
+        return self.outputs == "full"
 
 
 @dataclass(frozen=True)
@@ -129,7 +134,7 @@ def plan_gram(st: Structure, sz: Sizes, cost: CostModel = DEFAULT_COST) -> Plan:
     """The cheapest Candidate over layer groupings (1..number of clusters of uses sharing a parameter) and capture
     modes, as a Plan. Raises NTKError when not even one sample fits the budget."""
     clusters = clusters_of(st.uses)
-    sizes = [capture_bytes(c, sz.cap_itemsize, st.C) for c in clusters]
+    sizes = [capture_bytes(c, sz.cap_itemsize, st.C, sz.x_per_output) for c in clusters]
     modes = _modes(st, sz, cost)
     best, whole = None, set()
     for G in range(1, len(clusters) + 1):
@@ -163,7 +168,7 @@ def _modes(st: Structure, sz: Sizes, cost: CostModel) -> list[tuple[str, bool]]:
 
 def evaluate(st: Structure, sz: Sizes, cost: CostModel, groups, mode: str, host: bool) -> Candidate | None:
     """The price of running `groups` in `mode`, at the largest sample block that fits; None if none fits."""
-    cap = max(capture_bytes(g, sz.cap_itemsize, st.C) for g in groups)
+    cap = max(capture_bytes(g, sz.cap_itemsize, st.C, sz.x_per_output) for g in groups)
     n_all = sz.n + (0 if sz.symmetric else sz.n2)
     nmax = max(sz.n, sz.n2)
     E = S = ()
@@ -237,7 +242,8 @@ def _as_plan(st: Structure, sz: Sizes, cost: CostModel, c: Candidate) -> Plan:
     if c.mode != "full":  # the boundary pass runs before any capture is held
         chunk = max(1, min(max(sz.n, sz.n2), int((cost.fill * sz.budget - (0 if c.host else c.cache)) // graph)))
     T = max((u.T for u in st.uses), default=1)
-    flops = 6.0 * st.n_params * max(sz.n, sz.n2) * T * c.passes + 2.0 * sz.n * sz.n2 * st.n_params * st.C * st.C
+    gram_pairs = st.C * (st.C if sz.outputs == "full" else 1)  # output pairs per sample pair
+    flops = 6.0 * st.n_params * max(sz.n, sz.n2) * T * c.passes + 2.0 * sz.n * sz.n2 * st.n_params * gram_pairs
     return Plan(
         sz.n, sz.n2, st.C, c.block, c.groups, tuple(n for n, _ in st.fallback), int(c.held), int(chunk * graph),
         chunk, flops, sz.budget, mode=c.mode, boundaries=c.boundaries, bytes_boundary_cache=int(c.cache),

@@ -11,6 +11,10 @@ from torch import nn
 
 from .precision import TOLERANCE, capture_dtype, vector_dtype
 
+# How the C outputs of a sample enter K: every pair (c, c') -> (n, n2, C, C); the trace over outputs (the
+# mean, as neural-tangents and the loss (1/2n) sum ||f - y||^2 have it) -> (n, n2); the diagonal -> (n, n2, C).
+OUTPUTS = ("full", "trace", "diagonal")
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -19,6 +23,8 @@ class Spec:
     selected: tuple[tuple[str, nn.Parameter], ...]
     precision: str
     device: torch.device
+    outputs: str = "full"  # "full" (every pair of outputs), "trace" or "diagonal" (same output only): OUTPUTS
+
 
     @property
     def cap_dtype(self) -> torch.dtype:

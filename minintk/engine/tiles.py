@@ -21,12 +21,15 @@ from .structure import Structure
 
 def gram(spec: Spec, st: Structure, plan: Plan, X: Inputs, X2: Inputs | None, *, strategy: str = "auto",
          cost: CostModel = DEFAULT_COST, stats: Stats | None = None, progress: bool = False) -> torch.Tensor:
-    """K (n C, n2 C) fp64 on spec.device, rows and columns ordered (sample, output), as `plan` says."""
+    """K fp64 on spec.device, as `plan` says: (n C, n2 C) ordered (sample, output) for spec.outputs "full";
+    (n, n2) summed over outputs for "trace"; (n, n2, C) for "diagonal"."""
     start = time.perf_counter()
     symmetric = X2 is None
     C, B = st.C, plan.block
     ws = Workspace.of(plan.workspace, spec.cap_dtype.itemsize)
-    K = torch.zeros(plan.n * C, plan.n2 * C, dtype=torch.float64, device=spec.device)
+    k = C if spec.outputs == "full" else 1  # rows and columns of K per sample
+    K = torch.zeros(plan.n * k, plan.n2 * k, *((C,) if spec.outputs == "diagonal" else ()), dtype=torch.float64,
+                    device=spec.device)
     rows = [(a, min(plan.n, a + B)) for a in range(0, plan.n, B)]
     cols = rows if symmetric else [(a, min(plan.n2, a + B)) for a in range(0, plan.n2, B)]
     tiles = [(i, j) for i in range(len(rows)) for j in range(len(cols)) if not symmetric or j >= i]
@@ -56,10 +59,10 @@ def gram(spec: Spec, st: Structure, plan: Plan, X: Inputs, X2: Inputs | None, *,
                 same = symmetric and i == j
                 cJ = cI if same else capture(spec, st, XJ, c, d, uses, grads=gJ, hidden=hJ, **opts)
                 clock.tick("capture")
-                tile = contract(uses, cI, cJ, same, ws, strategy, stats, spec.device)
+                tile = contract(uses, cI, cJ, same, ws, strategy, stats, spec.device, spec.outputs, C)
                 clock.tick("contract")
                 if tile is not None:
-                    K[a * C : b * C, c * C : d * C] += tile
+                    K[a * k : b * k, c * k : d * k] += tile
                 del cJ
                 bar.update(1)
             del cI
@@ -67,30 +70,45 @@ def gram(spec: Spec, st: Structure, plan: Plan, X: Inputs, X2: Inputs | None, *,
         _fallback(spec, st, X, XJ, rows, cols, symmetric, plan.chunk, K, bar, progress)
     bar.close()
     clock.tick("fallback")
-    return _mirror(K, rows, C) if symmetric else K
+    return _mirror(K, rows, k) if symmetric else K
 
 
 def _fallback(spec, st, X, XJ, rows, cols, symmetric, chunk, K, bar, progress) -> None:
-    """K += J J^T of the reference path's parameters, block by block."""
+    """K += J J^T of the reference path's parameters, block by block, in the layout of spec.outputs."""
     jac = FallbackJacobian(spec, st.fallback, progress)
     C = st.C
+    k = C if spec.outputs == "full" else 1
     for i, (a, b) in enumerate(rows):
         JI = jac(X, a, b, chunk)
         for j, (c, d) in enumerate(cols):
             if symmetric and j < i:
                 continue
             JJ = JI if symmetric and i == j else jac(XJ, c, d, chunk)
-            K[a * C : b * C, c * C : d * C] += JI.double() @ JJ.double().T
+            K[a * k : b * k, c * k : d * k] += outputs_gram(JI.double(), JJ.double(), C, spec.outputs)
             bar.update(1)
 
 
-def _mirror(K: torch.Tensor, rows, C: int) -> torch.Tensor:
+def outputs_gram(JI: torch.Tensor, JJ: torch.Tensor, C: int, outputs: str) -> torch.Tensor:
+    """J_I J_J^T of per-sample Jacobians (m C, P) (rows i C + c) in the layout of `outputs`: (mI C, mJ C),
+    summed over outputs (mI, mJ), or per output (mI, mJ, C)."""
+    if outputs == "full" or C == 1:
+        K = JI @ JJ.T
+        return K[..., None] if outputs == "diagonal" else K
+    if outputs == "trace":
+        return JI.reshape(-1, C * JI.shape[1]) @ JJ.reshape(-1, C * JJ.shape[1]).T
+    I, J = JI.view(-1, C, JI.shape[1]), JJ.view(-1, C, JJ.shape[1])
+    return torch.einsum("icp,jcp->ijc", I, J)
+
+
+def _mirror(K: torch.Tensor, rows, k: int) -> torch.Tensor:
     """The lower triangle of tiles from the upper; each diagonal tile's upper triangle mirrored (the last-bit
-    asymmetry of G G^T and of the vector Grams)."""
+    asymmetry of G G^T and of the vector Grams), for each output of a (n, n, C) K."""
+    if K.dim() == 3:
+        return torch.stack([_mirror(K[..., c], rows, k) for c in range(K.shape[-1])], -1)
     for i, (a, b) in enumerate(rows):
         for c, d in rows[:i]:
-            K[a * C : b * C, c * C : d * C] = K[c * C : d * C, a * C : b * C].T
-        K[a * C : b * C, a * C : b * C] = mirror_upper(K[a * C : b * C, a * C : b * C])
+            K[a * k : b * k, c * k : d * k] = K[c * k : d * k, a * k : b * k].T
+        K[a * k : b * k, a * k : b * k] = mirror_upper(K[a * k : b * k, a * k : b * k])
     return K
 
 
