@@ -49,10 +49,15 @@ def case(before, size: str, n: int, T: int, precision: str, rounds: int) -> dict
     a = build(minintk, size, None)
     b = build(before, size, a.state_dict())
     X = torch.randint(0, a.cfg.vocab_size, (n, T), device="cuda")
-    ntk_a = minintk.ntk
     ntk_b = importlib.import_module("minintk_before.engine").ntk
-    calls = {"after": lambda: ntk_a(a, X, precision=precision, progress=False),
-             "before": lambda: ntk_b(b, X, precision=precision, progress=False)}
+
+    def after():
+        return minintk.ntk(a, X, precision=precision, progress=False)
+
+    def earlier():
+        return ntk_b(b, X, precision=precision, progress=False)
+
+    calls = {"after": after, "before": earlier}
     same = torch.equal(calls["after"](), calls["before"]())  # the warm-up calls, and the same Gram
     times: dict[str, list[float]] = {"before": [], "after": []}
     for r in range(rounds):
@@ -64,7 +69,6 @@ def case(before, size: str, n: int, T: int, precision: str, rounds: int) -> dict
         row[f"{v}_min_s"], row[f"{v}_median_s"] = min(times[v]), statistics.median(times[v])
     row["ratio_min"] = row["after_min_s"] / row["before_min_s"]
     row["ratio_median"] = row["after_median_s"] / row["before_median_s"]
-    del a, b, X
     torch.cuda.empty_cache()
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
     return row

@@ -8,7 +8,7 @@ embedding_gram pick their path from the tensors: the blocked cuBLAS token-pair p
 
 from ._common import mirror_upper
 from .embedding import embedding_gram, embedding_gram_blocked, embedding_gram_reference, embedding_linear_cross
-from .ghost import ghost_gram, ghost_gram_blocked, ghost_gram_reference
+from .ghost import ghost_gram, ghost_gram_blocked, ghost_gram_per_output, ghost_gram_reference
 from .materialized import materialized_gram, materialized_gram_reference
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "embedding_linear_cross",
     "ghost_gram",
     "ghost_gram_blocked",
+    "ghost_gram_per_output",
     "ghost_gram_reference",
     "materialized_gram",
     "materialized_gram_reference",

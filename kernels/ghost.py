@@ -14,7 +14,7 @@ import torch
 from ._common import check_linear_pair, chunk_size, common_float_dtype, mirror_upper, mm_fp32
 from .blocked import TOKEN_PAIR_BUDGET, token_pair_gram
 
-__all__ = ["ghost_gram", "ghost_gram_blocked", "ghost_gram_reference"]
+__all__ = ["ghost_gram", "ghost_gram_blocked", "ghost_gram_per_output", "ghost_gram_reference"]
 
 # Elements of each (ci, cj, T1, T2) intermediate of the torch reference.
 _REFERENCE_BUDGET = 1 << 25
@@ -109,3 +109,43 @@ def ghost_gram(
         return ghost_gram_blocked(X1, D1, X2, D2, same=same, **kw)
     out = ghost_gram_reference(X1, D1, X2, D2, **kw)
     return mirror_upper(out) if same else out
+
+
+def ghost_gram_per_output(
+    X1: torch.Tensor,
+    D1: torch.Tensor,
+    X2: torch.Tensor,
+    D2: torch.Tensor,
+    *,
+    budget: int | None = None,
+) -> torch.Tensor:
+    """Ghost Grams of C outputs that share their inputs: out[i, j, c] = sum_{t,s} (X1[i,t] . X2[j,s])
+    (D1[i,c,t] . D2[j,c,s]) (the diagonal over outputs of a multi-output NTK).
+
+    X1 (m1, T1, a), D1 (m1, C, T1, b), X2 (m2, T2, a), D2 (m2, C, T2, b) -> (m1, m2, C), float32 (float64 for
+    float64 inputs). On CPU and for float64 each sample chunk's X1 X2^T is formed once for all outputs; on
+    CUDA ghost_gram per output (the blocked path). budget: elements of each intermediate. ValueError on
+    mismatched shapes.
+    """
+    if D1.dim() != 4 or D2.dim() != 4 or D1.shape[1] != D2.shape[1]:
+        raise ValueError(f"D1 and D2 must be (m, C, T, b) with the same C, got {tuple(D1.shape)}, {tuple(D2.shape)}")
+    C = D1.shape[1]
+    check_linear_pair(X1, D1[:, 0], X2, D2[:, 0])
+    dtype = common_float_dtype(X1=X1, D1=D1, X2=X2, D2=D2)
+    if X1.device.type == "cuda" and dtype != torch.float64:
+        kw = {"budget": budget} if budget else {}
+        return torch.stack([ghost_gram_blocked(X1, D1[:, c], X2, D2[:, c], **kw) for c in range(C)], -1)
+    dt = torch.float64 if dtype == torch.float64 else torch.float32
+    m1, T1, _ = X1.shape
+    m2, T2, _ = X2.shape
+    out = torch.zeros(m1, m2, C, dtype=dt, device=X1.device)
+    cj = chunk_size(m2, C * T1 * T2, budget or _REFERENCE_BUDGET)
+    ci = chunk_size(m1, cj * C * T1 * T2, budget or _REFERENCE_BUDGET)
+    for j0 in range(0, m2, cj):
+        x2, d2 = X2[j0 : j0 + cj].to(dt), D2[j0 : j0 + cj].to(dt)
+        for i0 in range(0, m1, ci):
+            x1, d1 = X1[i0 : i0 + ci].to(dt), D1[i0 : i0 + ci].to(dt)
+            xx = torch.einsum("ita,jsa->ijts", x1, x2)  # once for every output
+            dd = torch.einsum("ictb,jcsb->ijcts", d1, d2)
+            out[i0 : i0 + ci, j0 : j0 + cj] = torch.einsum("ijts,ijcts->ijc", xx, dd)
+    return out

@@ -1,57 +1,35 @@
 """Function-space dynamics of kernel regression under the square loss (docs/theory.md section 3).
 
-Loss L(f) = (1/2n) ||f(X) - y||^2 on n training points, kernel K = Theta(X, X) (n, n), cross kernel
-Theta(x, X) (m, n). Gradient descent with steps alpha_0, alpha_1, ... moves the outputs as
+Loss L(f) = (1/2n) sum_i ||f(x_i) - y_i||^2 (+ (lam/2) ||f - f_0||_H^2) on n training points, kernel
+K = Theta(X, X), cross kernel Theta(x, X). Gradient descent with steps alpha_0, alpha_1, ... moves the outputs as
 
-    u_{t+1} = u_t - (alpha_t / n) K (u_t - y),     f_{t+1}(x) = f_t(x) - (alpha_t / n) Theta(x, X) (u_t - y),
+    u_{t+1} = u_t - alpha_t ((1/n) K (u_t - y) + lam (u_t - u_0)),
+    f_{t+1}(x) = f_t(x) - alpha_t ((1/n) Theta(x, X) (u_t - y) + lam (f_t(x) - f_0(x))),
 
-which is exact for the linearized network (Lee et al. 2019) and for kernel regression. With one
-eigendecomposition K = V diag(l) V^T both are closed forms in the eigenbasis (docs/theory.md section 3):
+which is exact for the linearized network (Lee et al. 2019; the ridge is weight decay towards theta_0) and for
+kernel regression. One eigendecomposition of K gives every time in closed form (filters.py); t = inf is the
+kernel-ridge limit. K is never inverted.
 
-    u_t  = u_0 + V diag(h_t(l)) V^T (y - u_0),          h_t(l) = 1 - prod_{tau<t} (1 - alpha_tau l / n)
-    f_t  = f_0 + Theta(x, X) V diag(g_t(l)) V^T (y - u_0),   g_t(l) = h_t(l) / l,
-
-g_t being the eigenvalue form of K^{-1} (I - (I - alpha K/n)^t). K^{-1} is never formed: for l -> 0,
-g_t(l) -> eta_t / n with eta_t = sum_{tau<t} alpha_tau, which is exactly what iterating the update gives in
-the null space of K. h_t is evaluated as -expm1(sum log1p(-alpha_tau l / n)) so that tiny eigenvalues keep
-full relative precision. Gradient flow du/ds = -(eta/n) K (u - y) replaces the product by exp(-eta s l / n).
+Several outputs (docs/theory.md section 2.2): y (n, C) with K (n, n) moves every output column with K (exact
+when the outputs' kernel is Theta_cc' = delta_cc' k, as for a linear head; ntk(..., trace=True) gives the
+mean over outputs, the kernel that convention needs), or y (n, C) with the full K (n, n, C, C) of ntk: exact
+for any network, the flattened outputs moving with K and n (not n C) in the loss's normalization.
 
 The eigenvalues are used as they are (no clipping): the closed forms reproduce iterating the given matrix.
 K must be symmetric and PSD up to rounding: an eigenvalue below -max(1e-9, 10 n eps) * max|l| (eps of K's
-own dtype, so fp32 Grams get a looser tolerance) is an error; the small negative ones rounding leaves are
-kept, and grow (slowly) under gradient descent exactly as they do in the iteration. Arrays may be numpy or
-torch; everything is computed and returned as float64 numpy. y is (n,) or (n, C): every output column shares
-K (the trace-over-outputs kernel of docs/theory.md section 2).
+own dtype, so fp32 Grams get a looser tolerance) is an error. Arrays may be numpy or torch; everything is
+computed and returned as float64 numpy.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-_CHUNK = 2048  # schedule steps per block when accumulating log-products (bounds memory at _CHUNK x n)
-
-
-class DynamicsError(ValueError):
-    """An input to the dynamics (kernel, targets, steps, times) has a shape or value that cannot be used."""
-
-
-def as_f64(x: Any, name: str) -> np.ndarray:
-    """A numpy or torch array (or nested list, scalar) as a float64 numpy array; rejects non-finite values."""
-    if hasattr(x, "detach"):  # torch tensor, without importing torch here
-        x = x.detach().cpu()
-        x = x.double() if hasattr(x, "double") else x
-        x = x.numpy()
-    try:
-        a = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as e:
-        raise DynamicsError(f"{name} must be a numeric array, got {type(x).__name__}: {e}") from None
-    if not np.all(np.isfinite(a)):
-        bad = int(np.sum(~np.isfinite(a)))
-        raise DynamicsError(f"{name} has {bad} non-finite entries; give finite values")
-    return a
+from .filters import DynamicsError, _steps, as_f64, flow_filters, gd_filters, step_sums  # noqa: F401 (re-exported)
 
 
 def check_kernel(K: Any, name: str = "K") -> np.ndarray:
@@ -83,10 +61,11 @@ def psd_tolerance(n: int, eps: float) -> float:
     return max(1e-9, 10.0 * n * eps)
 
 
-def kernel_eigh(K: Any, name: str = "K") -> tuple[np.ndarray, np.ndarray]:
+def kernel_eigh(K: Any, name: str = "K", eps: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Validated eigendecomposition of a Gram. K: (n, n) symmetric PSD (up to rounding) -> l (n,) ascending,
-    V (n, n), fp64. Raises DynamicsError naming the problem (shape, NaN, asymmetry, a negative eigenvalue)."""
-    eps = input_eps(K)
+    V (n, n), fp64; eps: the machine epsilon of the dtype K was computed in (default: K's own). Raises
+    DynamicsError naming the problem (shape, NaN, asymmetry, a negative eigenvalue)."""
+    eps = input_eps(K) if eps is None else eps
     Ks = check_kernel(K, name)
     l, V = np.linalg.eigh(Ks)
     top = max(float(np.max(np.abs(l))), np.finfo(np.float64).tiny)
@@ -114,120 +93,50 @@ def _broadcast_init(v: Any, shape: tuple[int, ...], name: str) -> np.ndarray:
         raise DynamicsError(f"{name} must be a scalar or broadcast to {shape}, got shape {v.shape}") from None
 
 
-def _steps(alpha: Any) -> np.ndarray:
-    """alpha: a positive scalar (constant step) or a 1-D schedule (T,) of positive steps."""
-    a = as_f64(alpha, "alpha")
-    if a.ndim > 1 or a.size == 0 or np.any(a <= 0):
-        raise DynamicsError(f"alpha must be a positive scalar or a 1-D array of positive steps, got {a!r}")
-    return a
-
-
-def _rate(eta: Any) -> float:
-    e = as_f64(eta, "eta")
-    if e.ndim != 0 or e <= 0:
-        raise DynamicsError(f"eta (gradient-flow rate) must be a positive scalar, got {e!r}")
-    return float(e)
-
-
-def _times(t: Any, integer: bool, horizon: int | None) -> np.ndarray:
-    t = as_f64(t, "t")
-    if np.any(t < 0):
-        raise DynamicsError(f"times must be >= 0, got min {t.min()}")
-    if integer and np.any(t != np.round(t)):
-        raise DynamicsError("gradient-descent times are step counts: give integers (flow takes real times)")
-    if horizon is not None and t.size and t.max() > horizon:
-        raise DynamicsError(f"time {int(t.max())} is past the end of the step schedule (length {horizon})")
-    return t
-
-
-def step_sums(alpha: Any, t: Any) -> np.ndarray:
-    """eta_t = sum_{tau<t} alpha_tau (docs/theory.md section 4). alpha: scalar or (T,); t: ints -> t.shape fp64."""
-    a = _steps(alpha)
-    t = _times(t, integer=True, horizon=None if a.ndim == 0 else a.size)
-    if a.ndim == 0:
-        return float(a) * t
-    return np.concatenate([[0.0], np.cumsum(a)])[t.astype(np.int64)]
-
-
-def gd_filters(l: Any, n: int, alpha: Any, t: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Spectral filters of t gradient-descent steps (docs/theory.md section 3).
-
-    l: (p,) eigenvalues of K (not K/n); n: number of training points; alpha: step (scalar) or schedule (T,);
-    t: step counts, any shape. Returns h, g of shape t.shape + (p,):
-    h = 1 - prod_{tau<t}(1 - alpha_tau l/n) (filter of the train outputs), g = h / l with its limit
-    eta_t / n at l = 0.
-    """
-    l = as_f64(l, "l").reshape(-1)
-    a = _steps(alpha)
-    tt = _times(t, integer=True, horizon=None if a.ndim == 0 else a.size)
-    flat = tt.reshape(-1)
-    if a.ndim == 0:
-        x = float(a) * l / n  # alpha l / n per eigenvalue
-        pos = x < 1.0  # every factor 1 - x > 0: stable log-form
-        logq = np.where(pos, np.log1p(-np.where(pos, x, 0.0)), 0.0)
-        with np.errstate(over="ignore", invalid="ignore"):
-            h_stable = -np.expm1(flat[:, None] * logq[None, :])
-            h_direct = 1.0 - np.power((1.0 - x)[None, :], flat[:, None])
-        h = np.where(pos[None, :], h_stable, h_direct)
-    else:
-        h = _schedule_filter(l / n, a, flat)
-    eta = step_sums(a, flat)
-    tiny = np.abs(l) < np.finfo(np.float64).tiny
-    with np.errstate(divide="ignore", invalid="ignore"):
-        g = np.where(tiny[None, :], eta[:, None] / n, h / np.where(tiny, 1.0, l)[None, :])
-    shape = tt.shape + (l.size,)
-    return h.reshape(shape), g.reshape(shape)
-
-
-def _schedule_filter(mu: np.ndarray, a: np.ndarray, t: np.ndarray) -> np.ndarray:
-    """h_t = 1 - prod_{tau<t}(1 - a_tau mu) for a schedule a (T,), accumulated in blocks; t (m,) -> (m, p)."""
-    order = np.argsort(t, kind="stable")
-    out = np.empty((t.size, mu.size))
-    logabs = np.zeros(mu.size)  # sum log |1 - a_tau mu|
-    negs = np.zeros(mu.size, dtype=np.int64)  # number of negative factors
-    zero = np.zeros(mu.size, dtype=bool)  # some factor is exactly 0
-    cur = 0
-    for k in order:
-        stop = int(t[k])
-        while cur < stop:
-            nxt = min(stop, cur + _CHUNK)
-            x = a[cur:nxt, None] * mu[None, :]
-            pos = x < 1.0
-            with np.errstate(divide="ignore"):
-                logabs += np.where(pos, np.log1p(-np.where(pos, x, 0.0)), np.log(np.abs(1.0 - x))).sum(axis=0)
-            negs += (x > 1.0).sum(axis=0)
-            zero |= (x == 1.0).any(axis=0)
-            cur = nxt
-        with np.errstate(over="ignore", invalid="ignore"):
-            stable = (negs == 0) & ~zero
-            sign = np.where(negs % 2 == 0, 1.0, -1.0)
-            out[k] = np.where(stable, -np.expm1(logabs), np.where(zero, 1.0, 1.0 - sign * np.exp(logabs)))
-    return out
-
-
-def flow_filters(l: Any, n: int, eta: float, s: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Spectral filters of gradient flow du/ds = -(eta/n) K (u - y) at times s (any shape, real >= 0).
-
-    l: (p,) eigenvalues of K. Returns h = 1 - exp(-eta s l / n) and g = h / l (limit eta s / n at l = 0),
-    each s.shape + (p,).
-    """
-    l = as_f64(l, "l").reshape(-1)
-    eta = _rate(eta)
-    ss = _times(s, integer=False, horizon=None)
-    flat = ss.reshape(-1)
-    with np.errstate(over="ignore"):
-        h = -np.expm1(-eta * flat[:, None] * l[None, :] / n)
-    tiny = np.abs(l) < np.finfo(np.float64).tiny
-    with np.errstate(divide="ignore", invalid="ignore"):
-        g = np.where(tiny[None, :], eta * flat[:, None] / n, h / np.where(tiny, 1.0, l)[None, :])
-    shape = ss.shape + (l.size,)
-    return h.reshape(shape), g.reshape(shape)
-
-
 Predictor = Callable[..., "np.ndarray | tuple[np.ndarray, np.ndarray]"]
 
 
 _Filters = Callable[[np.ndarray, int, Any], tuple[np.ndarray, np.ndarray]]
+
+
+class _Problem:
+    """A kernel and targets in the flattened form the closed forms work on: K (N, N) with N = n (one kernel for
+    every output column) or n C (the full multi-output kernel (n, n, C, C), rows in (sample, output) order), the
+    targets (N,) or (n, C), and n, the number of samples in the loss's 1/n."""
+
+    def __init__(self, K: Any, y: Any):
+        self.eps = input_eps(K)  # of K's own dtype: an fp32 Gram's rounding tolerance stays fp32's
+        K = as_f64(K, "K")
+        y = as_f64(y, "y")
+        if K.ndim == 4:
+            n, n2, C, C2 = K.shape
+            if n != n2 or C != C2:
+                raise DynamicsError(f"a multi-output K must be (n, n, C, C), got {K.shape}")
+            if y.shape != (n, C):
+                raise DynamicsError(f"with K (n, n, C, C) = {K.shape}, y must be (n, C) = {(n, C)}, got {y.shape}")
+            self.K, self.y, self.n, self.C = K.transpose(0, 2, 1, 3).reshape(n * C, n * C), y.reshape(-1), n, C
+        elif K.ndim == 2:
+            self.K, self.n, self.C = K, K.shape[0], 0
+            self.y = _targets(y, self.n)
+        else:
+            raise DynamicsError(f"K must be (n, n), or (n, n, C, C) for several outputs, got shape {K.shape}")
+
+    def test_kernel(self, K_test: Any) -> Any:
+        """Theta(x, X) as the closed forms take it: (m, n), or (m, n, C, C) flattened to (m C, n C)."""
+        if K_test is None or not self.C:
+            return K_test
+        Kx = as_f64(K_test, "K_test")
+        if Kx.ndim != 4 or Kx.shape[1:] != (self.n, self.C, self.C):
+            raise DynamicsError(f"K_test must be (m, {self.n}, {self.C}, {self.C}) like K, got {Kx.shape}")
+        return Kx.transpose(0, 2, 1, 3).reshape(Kx.shape[0] * self.C, self.n * self.C)
+
+    def unflatten(self, out, lead: tuple) -> Any:
+        """Outputs (lead + (N,)) back to (lead + (n, C)) for a multi-output K; (u, f) pairs too."""
+        if not self.C:
+            return out
+        if isinstance(out, tuple):
+            return tuple(self.unflatten(o, lead) for o in out)
+        return out.reshape(lead + (-1, self.C))
 
 
 def _filtered(
@@ -253,73 +162,92 @@ def _filtered(
 
 
 def _predictor(K: Any, y: Any, filters: _Filters) -> Predictor:
-    l, V = kernel_eigh(K)
-    n = l.size
-    y = _targets(y, n)
+    prob = _Problem(K, y)
+    l, V = kernel_eigh(prob.K, eps=prob.eps)
 
     def predict(t: Any, u0: Any = 0.0, K_test: Any = None, f0_test: Any = 0.0):
-        """Outputs at times t (scalar or array). u0: initial train outputs, scalar or y's shape.
-        K_test: Theta(x, X) (m, n) and f0_test its initial outputs (scalar or (m,) / (m, C)).
+        """Outputs at times t (scalar or array; np.inf: the limit). u0: initial train outputs, scalar or y's
+        shape. K_test: Theta(x, X) (m, n) (or (m, n, C, C) with a full K) and f0_test its initial outputs.
         Returns u_t (t.shape + y.shape), or (u_t, f_t) with f_t (t.shape + (m,) [+ (C,)]) if K_test is given.
         """
-        h, g = filters(l, n, t)
-        return _filtered(V, y, h, g, u0, K_test, f0_test)
+        h, g = filters(l, prob.n, t)
+        u0f = u0 if not prob.C else np.broadcast_to(as_f64(u0, "u0"), (prob.n, prob.C)).reshape(-1)
+        f0f = f0_test if not prob.C or K_test is None else np.broadcast_to(
+            as_f64(f0_test, "f0_test"), (as_f64(K_test, "K_test").shape[0], prob.C)).reshape(-1)
+        out = _filtered(V, prob.y, h, g, u0f, prob.test_kernel(K_test), f0f)
+        return prob.unflatten(out, h.shape[:-1])
 
     return predict
 
 
-def gradient_descent_mse(K: Any, y: Any, alpha: Any = 1.0) -> Predictor:
-    """Closed-form gradient descent on L = (1/2n)||f - y||^2 (docs/theory.md section 3), like neural-tangents'
-    predict.gradient_descent_mse but in discrete steps.
+def max_stable_step(K: Any, lam: float = 0.0) -> float:
+    """2 / (mu_1 + lam), mu_1 the largest eigenvalue of K/n (n samples; K (n, n) or (n, n, C, C)): gradient
+    descent on (1/2n)||f - y||^2 + (lam/2)||f - f_0||_H^2 converges for constant steps below it and diverges
+    above (docs/theory.md section 3.2). Raises DynamicsError for a kernel without a positive eigenvalue."""
+    K = as_f64(K, "K")
+    prob = _Problem(K, np.zeros(K.shape[:1] + K.shape[2:3]))
+    top = float(np.linalg.eigvalsh(check_kernel(prob.K))[-1]) / prob.n + float(lam)
+    if not top > 0:
+        raise DynamicsError("K/n + lam has no positive eigenvalue: every step is stable, none is the largest")
+    return 2.0 / top
 
-    K: (n, n) train Gram; y: (n,) or (n, C); alpha: constant step or schedule (T,) (then t <= T).
-    Returns predict(t, u0=0., K_test=None, f0_test=0.) -> u_t or (u_t, f_t); t counts steps (integers).
+
+def gradient_descent_mse(K: Any, y: Any, alpha: Any = 1.0, lam: float = 0.0) -> Predictor:
+    """Closed-form gradient descent on L = (1/2n)||f - y||^2 + (lam/2)||f - f_0||_H^2 (docs/theory.md section
+    3), like neural-tangents' predict.gradient_descent_mse (diag_reg ~ lam) but in discrete steps.
+
+    K: (n, n) train Gram (y (n,) or (n, C): every column moves with K; ntk(trace=True) for several outputs), or
+    the full (n, n, C, C) with y (n, C); alpha: constant step or schedule (T,) (then t <= T); lam >= 0: ridge.
+    Returns predict(t, u0=0., K_test=None, f0_test=0.) -> u_t or (u_t, f_t); t counts steps (integers, or
+    np.inf for the kernel-ridge limit). Warns when a constant step diverges (alpha >= max_stable_step).
     One eigendecomposition of K is done here; each call costs O(n^2 per time).
     """
     a = _steps(alpha)
-    return _predictor(K, y, lambda l, n, t: gd_filters(l, n, a, t))
+    if a.ndim == 0 and float(a) >= max_stable_step(K, lam):
+        warnings.warn(f"alpha = {float(a):.4g} >= max_stable_step(K) = {max_stable_step(K, lam):.4g}: gradient "
+                      f"descent diverges on this kernel", stacklevel=2)
+    return _predictor(K, y, lambda l, n, t: gd_filters(l, n, a, t, lam))
 
 
-def gradient_flow_mse(K: Any, y: Any, eta: float = 1.0) -> Predictor:
-    """Closed-form gradient flow du/ds = -(eta/n) K (u - y): the alpha -> 0 limit of gradient descent with
-    s = t alpha / eta (docs/theory.md section 3). Same predictor as gradient_descent_mse, real times s >= 0."""
-    eta = _rate(eta)
-    return _predictor(K, y, lambda l, n, s: flow_filters(l, n, eta, s))
+def gradient_flow_mse(K: Any, y: Any, eta: float = 1.0, lam: float = 0.0) -> Predictor:
+    """Closed-form gradient flow du/ds = -eta ((1/n) K (u - y) + lam (u - u_0)): the alpha -> 0 limit of
+    gradient descent with s = t alpha / eta (docs/theory.md section 3). Shapes as gradient_descent_mse; real
+    times s >= 0, np.inf the kernel-ridge limit."""
+    return _predictor(K, y, lambda l, n, s: flow_filters(l, n, eta, s, lam))
 
 
 def gradient_descent_reference(
-    K: Any, y: Any, alpha: Any, steps: int, *, u0: Any = 0.0, K_test: Any = None, f0_test: Any = 0.0
+    K: Any, y: Any, alpha: Any, steps: int, *, u0: Any = 0.0, K_test: Any = None, f0_test: Any = 0.0,
+    lam: float = 0.0,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Iterate u_{t+1} = u_t - (alpha_t/n) K (u_t - y), f_{t+1} = f_t - (alpha_t/n) Theta(x,X)(u_t - y), fp64.
+    """Iterate u_{t+1} = u_t - alpha_t ((1/n) K (u_t - y) + lam (u_t - u_0)) and the same on Theta(x, X), fp64.
 
-    The reference the closed forms are tested against. Returns the trajectory u (steps+1, *y.shape), and
-    f (steps+1, m, ...) when K_test (m, n) is given; row t holds the outputs after t steps.
+    The reference the closed forms are tested against; K (n, n) or (n, n, C, C) as gradient_descent_mse.
+    Returns the trajectory u (steps+1, *y.shape), and f (steps+1, m, ...) when K_test is given; row t holds the
+    outputs after t steps.
     """
-    K = as_f64(K, "K")
-    if K.ndim != 2 or K.shape[0] != K.shape[1]:
-        raise DynamicsError(f"K must be square (n, n), got {K.shape}")
-    n = K.shape[0]
-    y = _targets(y, n)
+    prob = _Problem(K, y)
+    n, Kf, yf = prob.n, prob.K, prob.y
     a = _steps(alpha)
     if a.ndim == 1 and steps > a.size:
         raise DynamicsError(f"steps = {steps} is past the end of the schedule (length {a.size})")
-    u = _broadcast_init(u0, y.shape, "u0").copy()
+    u = u_start = _broadcast_init(u0, y.shape if not prob.C else (n, prob.C), "u0").reshape(yf.shape).copy()
     us = [u.copy()]
-    Kx = None if K_test is None else as_f64(K_test, "K_test")
+    Kx = prob.test_kernel(K_test)
+    Kx = None if Kx is None else as_f64(Kx, "K_test")
     if Kx is not None:
-        f = _broadcast_init(f0_test, (Kx.shape[0],) + y.shape[1:], "f0_test").copy()
+        f = f_start = _broadcast_init(f0_test, (Kx.shape[0],) + yf.shape[1:], "f0_test").copy()
         fs = [f.copy()]
     for tau in range(steps):
         step = float(a) if a.ndim == 0 else float(a[tau])
-        resid = u - y
+        resid = u - yf
         if Kx is not None:
-            f = f - (step / n) * (Kx @ resid)
+            f = f - step * ((Kx @ resid) / n + lam * (f - f_start))
             fs.append(f.copy())
-        u = u - (step / n) * (K @ resid)
+        u = u - step * ((Kf @ resid) / n + lam * (u - u_start))
         us.append(u.copy())
-    if Kx is None:
-        return np.stack(us)
-    return np.stack(us), np.stack(fs)
+    out = np.stack(us) if Kx is None else (np.stack(us), np.stack(fs))
+    return prob.unflatten(out, (steps + 1,))
 
 
 def kernel_ridge(
@@ -335,9 +263,9 @@ def kernel_ridge(
     lam: scalar or (k,) of values >= 0 (leading axis of the outputs); lam = 0 is min-norm interpolation
     (K^+, eigenvalues below n eps max(l) treated as 0). Shapes as gradient_descent_mse with t -> lam.
     """
-    l, V = kernel_eigh(K)
-    n = l.size
-    y = _targets(y, n)
+    prob = _Problem(K, y)
+    l, V = kernel_eigh(prob.K, eps=prob.eps)
+    n = prob.n
     lam_a = as_f64(lam, "lam")
     if lam_a.ndim > 1 or np.any(lam_a < 0):
         raise DynamicsError(f"lam must be a scalar or 1-D array of values >= 0, got {lam_a!r}")
@@ -348,4 +276,10 @@ def kernel_ridge(
     with np.errstate(divide="ignore", invalid="ignore"):
         g = np.where(keep, 1.0 / np.where(keep, d, 1.0), 0.0)
     h = g * l[None, :]
-    return _filtered(V, y, h.reshape(lam_a.shape + (n,)), g.reshape(lam_a.shape + (n,)), u0, K_test, f0_test)
+    N = l.size
+    u0f = u0 if not prob.C else np.broadcast_to(as_f64(u0, "u0"), (n, prob.C)).reshape(-1)
+    f0f = f0_test if not prob.C or K_test is None else np.broadcast_to(
+        as_f64(f0_test, "f0_test"), (as_f64(K_test, "K_test").shape[0], prob.C)).reshape(-1)
+    out = _filtered(V, prob.y, h.reshape(lam_a.shape + (N,)), g.reshape(lam_a.shape + (N,)), u0f,
+                    prob.test_kernel(K_test), f0f)
+    return prob.unflatten(out, lam_a.shape)

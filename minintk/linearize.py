@@ -9,7 +9,8 @@ gradient descent with step alpha moves the linearized outputs exactly as u_{t+1}
 with K = J J^T, the empirical NTK), with the same torch optimizer, the same batches and the same start, and
 every step is recorded: train and test predictions, losses, and how far the weights moved. With C outputs per
 sample the flattened outputs u (nC,) move as u - (alpha/n) K (u - y) with K (nC, nC) and n still the number of
-samples: dynamics.gradient_descent_mse(K, y.reshape(-1), alpha * C) reproduces the linearized run.
+samples: dynamics.gradient_descent_mse(K, y, alpha) with the full K (n, n, C, C) of ntk and y (n, C)
+reproduces the linearized run (docs/theory.md section 3.4).
 
 The trained parameters are the model's parameters with requires_grad (freeze others the torch way); buffers
 and frozen parameters stay constants. The model itself is never modified.

@@ -50,6 +50,8 @@ class PowerLawFit(NamedTuple):
 
 def eigenvalues(K: Any) -> Spectrum:
     """Spectrum of K/n (docs/theory.md sections 4-5). K: (n, n) numpy or torch, symmetric -> Spectrum (fp64).
+    For several outputs give ntk(..., trace=True), the mean over outputs: its K/n is the kernel each output
+    moves with under the loss (1/2n) sum ||f - y||^2 (docs/theory.md section 2.2).
 
     The floor uses the machine epsilon of K's own dtype (fp32 Grams have ~1e-7 relative noise), as
     numpy.linalg.matrix_rank does: floor = n * eps * max|mu|. Raises SpectrumError for a non-square,

@@ -170,9 +170,10 @@ def stopping_time(mu: Any, sigma: float, alpha: Any = None, *, B: float = 1.0) -
     """T_hat = argmin{t : R(1/sqrt(eta_t)) > (2 e sigma' eta_t)^{-1}} - 1 (docs/theory.md section 4), sigma' =
     sigma/B, in gradient-descent steps.
 
-    mu: (n,) eigenvalues of K/n (not of K: spectrum.eigenvalues divides by n); sigma: noise level of y, in y's
-    units; alpha: constant step or schedule (T,) with eta_t its running sum; None (default) takes
-    default_step(mu) = min(1, 1/mu_1). The event is monotone in t (it is eta_t > 1/eps_n^2, and eta_t
+    mu: (n,) eigenvalues of K/n (not of K: spectrum.eigenvalues divides by n; for several outputs, of the
+    traced Gram ntk(..., trace=True), the mean over outputs); sigma: noise level of y, in y's units; alpha:
+    constant step or schedule (T,) with eta_t its running sum; None (default) takes default_step(mu) =
+    min(1, 1/mu_1). The event is monotone in t (it is eta_t > 1/eps_n^2, and eta_t
     increases): the first t is found by bisection on t, evaluating the rule itself. A schedule that ends before
     the event returns its length T (run to the end). Warns (UserWarning) when a constant step is unstable
     (alpha mu_1 >= 2: gradient descent diverges on this Gram) and when the rule stops at T_hat = 0 (the noise

@@ -11,7 +11,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from minintk.kernels import ghost_gram, ghost_gram_blocked, ghost_gram_reference, mirror_upper
+from minintk.kernels import ghost_gram, ghost_gram_blocked, ghost_gram_per_output, ghost_gram_reference, mirror_upper
 
 # (dtype, atol relative to max |K|, rtol)
 DTYPES = [
@@ -121,3 +121,19 @@ def test_bad_inputs_are_named():
         ghost_gram(X, D, X)
     with pytest.raises(ValueError, match="same=True"):
         ghost_gram_blocked(X, D, X.clone(), D, same=True)
+
+
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("C", [1, 3])
+def test_per_output_matches_formed_gradients(shape, C, dtype, atol, rtol):
+    """The diagonal over outputs: one ghost Gram per output c, all sharing the inputs X."""
+    m1, m2, T1, T2, a, b = shape
+    X1, _ = factors(m1, T1, a, b, dtype, 0)
+    X2, _ = factors(m2, T2, a, b, dtype, 1)
+    g = torch.Generator().manual_seed(2)
+    D1, D2 = torch.randn(m1, C, T1, b, generator=g).to(dtype), torch.randn(m2, C, T2, b, generator=g).to(dtype)
+    got = ghost_gram_per_output(X1, D1, X2, D2, budget=37)  # a small budget: many sample chunks
+    assert got.shape == (m1, m2, C)
+    ref = torch.stack([formed_gram(X1, D1[:, c], X2, D2[:, c]) for c in range(C)], -1)
+    assert_gram(got, ref, dtype, atol, rtol)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels import embedding_gram, embedding_linear_cross, ghost_gram, materialized_gram
+from ..kernels import embedding_gram, embedding_linear_cross, ghost_gram, ghost_gram_per_output, materialized_gram
 from .capture import Capture
 from .layers import EMBED, LINEAR, NORM, Use
 from .stats import Stats
@@ -119,7 +119,15 @@ class Pair:
         m1, T1 = a1.shape[0] // (self.C if self.outputs == "diagonal" else 1), a1.shape[1]
         m2, T2 = b2.shape[0] // (self.C if self.outputs == "diagonal" else 1), b2.shape[1]
         form = choose_form(m1, T1, m2, T2, a1.shape[2], b2.shape[2], self.same, self.strategy)
+        if form == "ghost" and self.outputs == "diagonal" and self.C > 1 and u.kind == LINEAR and v.kind == LINEAR:
+            return self._ghost_per_output(), form  # the inputs' token-pair Gram once for every output
         return self._each(lambda c: self._dense(form, c)), form
+
+    def _ghost_per_output(self) -> torch.Tensor:
+        u, v, C = self.u, self.v, self.C
+        D1, D2 = self.cI.A[u.label], self.cJ.A[v.label]  # virtual samples (m C, T, d_out) -> (m, C, T, d_out)
+        return ghost_gram_per_output(self.cI.B[u.label], D1.view(-1, C, *D1.shape[1:]), self.cJ.B[v.label],
+                                     D2.view(-1, C, *D2.shape[1:]), budget=self.ws.kernel_elems)
 
     def _each(self, gram, side_by_side: bool = False) -> torch.Tensor:
         """gram(c) per output for "diagonal"; for "trace" either one call (the factors hold the outputs side by
