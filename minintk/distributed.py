@@ -34,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .engine import PRECISIONS, ntk
+from .engine import PRECISIONS, default_budget, ntk
 from .files import json_digest, write_atomic, write_json
 
 FORMAT = "minintk-tiles/1"
@@ -215,21 +215,6 @@ def _barrier() -> None:
             dist.barrier()
 
 
-def _default_budget(device: torch.device) -> int:
-    """Bytes for one tile's working set: 75% of the free GPU memory (as the engine), or half the available RAM
-    up to 8 GiB."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        return int(0.75 * torch.cuda.mem_get_info(device)[0])
-    avail = 16 << 30
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-    except (OSError, StopIteration, ValueError):
-        pass
-    return min(8 << 30, avail // 2)
-
-
 def _device_name(device: torch.device) -> str:
     return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
 
@@ -408,7 +393,7 @@ def tiled_ntk(
     and X (n, T) ids or a dict of ids and masks; each computes its share of the upper-triangle tiles of `tile`
     samples on its model's device. Restarting skips finished tiles; a folder of another model, data or
     settings (precision, params: None or glob patterns, output_name, tile) is refused unless overwrite=True.
-    max_memory: bytes for one tile's working set (default 75% of free GPU memory, the smallest over ranks).
+    max_memory: bytes for one tile's working set (default: minintk.engine.default_budget, the smallest over ranks).
     Under NCCL, call torch.cuda.set_device(local_rank) first (`launch` does). Returns K on rank 0 (fp64 for
     precision="fp64", else fp32), also saved as out/gram.safetensors; None on the other ranks.
     """
@@ -419,7 +404,7 @@ def tiled_ntk(
     settings = _settings(tile, precision, params, output, output_name)
     device = next(model.parameters()).device
     fingerprints = {"model": fingerprint_model(model), "data": fingerprint_data(X), "settings": json_digest(settings)}
-    views = _all_gather({"fingerprints": fingerprints, "budget": max_memory or _default_budget(device)})
+    views = _all_gather({"fingerprints": fingerprints, "budget": max_memory or default_budget(device)})
     differ = [r for r, v in enumerate(views) if v["fingerprints"] != views[0]["fingerprints"]]
     if differ:
         raise TileRunError(f"ranks {differ} hold another model, data or settings than rank 0; every rank must "

@@ -769,12 +769,18 @@ def _host_cache_ok(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
-def _default_budget(device: torch.device) -> int:
-    if device.type == "cuda":  # free memory, counting blocks torch's allocator holds but does not use
+def default_budget(device: torch.device, fraction: float = 0.9) -> int:
+    """The default memory budget in bytes: `fraction` of the memory free to torch on CUDA (free, plus blocks torch's
+    allocator holds but does not use); on CPU min(8 GiB, half the available host memory)."""
+    if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(BUDGET_FRACTION * free)
+        return int(fraction * free)
     return int(min(8 << 30, 0.5 * _host_available()))
+
+
+def _default_budget(device: torch.device) -> int:
+    return default_budget(device, BUDGET_FRACTION)
 
 
 class _Engine:
