@@ -272,7 +272,6 @@ def _user_errors() -> tuple[type[Exception], ...]:
     """The errors that mean a bad input or setting (printed as one line), not a bug (a traceback)."""
     from .config import ConfigError
     from .data import DataError
-    from .distributed import TileRunError
     from .dynamics import DynamicsError
     from .engine import NTKError
     from .finetune import FinetuneError
@@ -284,6 +283,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .spectrum import SpectrumError
     from .stopping import StoppingError
     from .task_vectors import TaskVectorError
+    from .tilefolder import TileRunError
     from .width import WidthScanError
 
     return (GramFileError, ReportExistsError, ConfigError, DataError, TileRunError, DynamicsError, NTKError,
@@ -433,7 +433,8 @@ def _cmd_ntk(args: argparse.Namespace) -> int:
     import torch
 
     from . import sources
-    from .distributed import TileRunError, format_status, is_rank0, process_group, status, tiled_ntk
+    from .distributed import is_rank0, process_group, tiled_ntk
+    from .tilefolder import TileRunError, format_status, status
 
     if args.status:
         print(f"minintk ntk --status\n{format_status(status(args.status))}")
