@@ -284,7 +284,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .stopping import StoppingError
     from .task_vectors import TaskVectorError
     from .tilefolder import TileRunError
-    from .width import WidthScanError
+    from .width_config import WidthScanError
 
     return (GramFileError, ReportExistsError, ConfigError, DataError, TileRunError, DynamicsError, NTKError,
             FinetuneError, CheckpointError, LinearizeError, ModelInputError, PaperError, SourceError, SpectrumError,
@@ -467,7 +467,8 @@ def _cmd_ntk(args: argparse.Namespace) -> int:
 def _cmd_width_scan(args: argparse.Namespace) -> int:
     import torch
 
-    from .width import WidthScanError, preset, run_scan, star
+    from .width import run_scan
+    from .width_config import WidthScanError, preset, star
     from .width_report import slope_table
 
     if args.threads < 1:

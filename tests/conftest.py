@@ -137,3 +137,8 @@ def sidecars(out) -> dict:
         except (OSError, json.JSONDecodeError):
             pass
     return found
+
+
+# A width scan small enough for a test: 2 widths x 2 seeds of a 1-block decoder on 4 + 4 sequences of 3 tokens.
+TINY_SCAN = dict(n_layer=1, n_head=2, vocab_size=8, seq_len=3, n_train=4, n_test=4, teacher_width=4, times=(0.5,),
+                 pretrain_time=0.5, seeds=2, widths=(8, 16))
