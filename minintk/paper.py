@@ -62,6 +62,7 @@ from .task_vectors import (
     squared,
     task_vector,
 )
+from .tokenization import encode, label_ids, train_tokenizer
 
 
 class PaperError(ValueError):
@@ -241,7 +242,7 @@ def _fallback_tokenizer(cfg: PaperConfig, vocab: int, corpus: str, extra_texts: 
     if (folder / "tokenizer.json").exists():
         return load_tokenizer(folder)
     words = tuple(sorted({w for t in cfg.tasks for w in (_task_words(t) or ())}))
-    tok = D.train_tokenizer([corpus, *extra_texts], vocab_size=vocab, extra_words=words + D.SENTIMENT_WORDS)
+    tok = train_tokenizer([corpus, *extra_texts], vocab_size=vocab, extra_words=words + D.SENTIMENT_WORDS)
     folder.mkdir(parents=True, exist_ok=True)
     tok.save_pretrained(str(folder))
     return tok
@@ -342,9 +343,9 @@ def setup_tasks(run: Run, base: Decoder, tok) -> dict[str, TaskSetup]:
     for name in cfg.tasks:
         task = D.load_task(name, cfg.data_dir)
         sp = D.split(task, cfg.n_val, cfg.n_test)
-        lid = D.label_ids(tok, task.label_words) if task.kind == "classification" else None
-        X = {s: D.encode(task, getattr(sp, s), tok, cfg.max_len).packed() for s in ("val", "test")}
-        X["pool"] = D.encode(task, sp.train, tok, cfg.max_len).packed()
+        lid = label_ids(tok, task.label_words) if task.kind == "classification" else None
+        X = {s: encode(task, getattr(sp, s), tok, cfg.max_len).packed() for s in ("val", "test")}
+        X["pool"] = encode(task, sp.train, tok, cfg.max_len).packed()
         sigma = None if task.noise_sd is None else float(np.sqrt(np.mean(task.noise_sd**2)))
         out[name] = TaskSetup(task, sp, task_model(base, task.kind, lid), lid, X, sigma)
         run.results.setdefault("tasks", {})[name] = {
@@ -364,7 +365,7 @@ def phase_kernels(run: Run, tasks: dict[str, TaskSetup], tok) -> None:
         draws = []
         for d in range(cfg.kernel_draws):
             idx = D.kernel_sample(ts.task, ts.split, cfg.kernel_samples, draw=d)
-            enc = D.encode(ts.task, idx, tok, cfg.max_len)
+            enc = encode(ts.task, idx, tok, cfg.max_len)
             dev = next(ts.model.parameters()).device
             t = time.perf_counter()
             K = ntk(ts.model.model, {"idx": enc.ids.to(dev), "attention_mask": enc.mask.to(dev)},

@@ -89,7 +89,7 @@ def make_gpt_neo_with_tokenizer(folder, d=16, layers=2, positions=32, seed=0):
     " negative" and " positive" as single tokens), as `hf download` leaves a model folder."""
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-    from minintk.data import train_tokenizer
+    from minintk.tokenization import train_tokenizer
 
     tok = train_tokenizer(REVIEWS * 4, vocab_size=320, extra_words=(" negative", " positive"))
     torch.manual_seed(seed)

@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from test_data import write_offline
+from test_data import install_offline_packages, write_offline
 
 from minintk import paper
 from minintk.cli import main
@@ -58,8 +58,7 @@ def test_cli_renders_exports_and_explains_errors(tmp_path, capsys, monkeypatch):
     assert main(["paper", "--tv-size", "7", "--data-dir", str(data), "--out", str(tmp_path / "x")]) == 2
     assert "tv_size=7 must be one of the sizes" in capsys.readouterr().err
     assert main(["paper", "--render", str(tmp_path / "nothing")]) == 2
-    from minintk import data as D
-
-    monkeypatch.setattr(D, "_package_file", lambda name: data / name)
+    monkeypatch.syspath_prepend(str(install_offline_packages(tmp_path / "site", data)))
+    monkeypatch.delenv("MININTK_DATA", raising=False)
     assert main(["paper", "--export-data", str(tmp_path / "copy")]) == 0
     assert (tmp_path / "copy" / "kjv.jsonl").read_text() == (data / "kjv.jsonl").read_text()
