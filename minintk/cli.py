@@ -278,7 +278,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .gptneo import CheckpointError
     from .linearize import LinearizeError
     from .model import ModelInputError
-    from .paper import PaperError
+    from .paper_config import PaperError
     from .sources import SourceError
     from .spectrum import SpectrumError
     from .stopping import StoppingError
@@ -493,7 +493,8 @@ def _cmd_width_scan(args: argparse.Namespace) -> int:
 
 def _cmd_paper(args: argparse.Namespace) -> int:
     from .data import export_offline_data
-    from .paper import config, run
+    from .paper import run
+    from .paper_config import config
     from .paper_report import headline, render
 
     if args.export_data:

@@ -5,8 +5,9 @@ import json
 import pytest
 from test_data import install_offline_packages, write_offline
 
-from minintk import paper
 from minintk.cli import main
+from minintk.paper import run
+from minintk.paper_config import PaperConfig, config
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -19,12 +20,12 @@ def toy_config(tmp_path, **kw):
                 lr={"full": 1e-2, "tangent": 1e-2, "probe": 1e-1}, batch_size=8, max_steps=10, eval_every=5,
                 patience=2, tv_size=30, tangent=True, xi_alphas=(0.0, 1.0), xi_samples=10,
                 budget_min=None, threads=1)
-    return paper.config("default", **(base | kw))
+    return config("default", **(base | kw))
 
 
 def test_the_pipeline_writes_every_part_of_the_report(tmp_path):
     out = tmp_path / "report"
-    res = paper.run(toy_config(tmp_path), out)
+    res = run(toy_config(tmp_path), out)
     assert res["finished"] and set(res["phases"]) == {"setup", "kernels", "curves", "vectors"}
     assert set(res["kernels"]) == {"vader", "afinn-sign", "vader-sign"}
     assert all(len(k["draws"]) == 2 for k in res["kernels"].values())
@@ -37,7 +38,7 @@ def test_the_pipeline_writes_every_part_of_the_report(tmp_path):
     for variant in ("full", "tangent"):
         v = res["vectors"][variant]
         assert len(v["cosine"]) == 3 and len(v["addition_pairs"]) == 3 and set(v["negation"]) == set(v["tasks"])
-        assert v["addition_all"]["lambda"] in paper.PaperConfig().tv_grid
+        assert v["addition_all"]["lambda"] in PaperConfig().tv_grid
         assert len(v["xi"]["grid"]["xi"]) == 2 and len(v["xi"]["pairs_at_1_1"]) == 3
     saved = json.loads((out / "results.json").read_text())
     assert saved["finished"] and saved["model"]["pretrain"]["tokens_seen"] == 4 * 4 * 16
