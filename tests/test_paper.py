@@ -1,11 +1,10 @@
-"""The paper pipeline (minintk.paper, `minintk paper`) end to end at toy size, on data files the test writes."""
+"""The paper pipeline (minintk.paper) end to end at toy size, on data files the test writes."""
 
 import json
 
 import pytest
-from test_data import install_offline_packages, write_offline
+from test_data import write_offline
 
-from minintk.cli import main
 from minintk.paper import run
 from minintk.paper_config import PaperConfig, config
 
@@ -50,16 +49,3 @@ def test_the_pipeline_writes_every_part_of_the_report(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     cached = next((tmp_path / "cache" / "paper").iterdir())
     assert {"model.safetensors", "config.json", "tokenizer.json", "pretrain.json"} <= {p.name for p in cached.iterdir()}
-
-
-def test_cli_renders_exports_and_explains_errors(tmp_path, capsys, monkeypatch):
-    data = write_offline(tmp_path / "data", n_extra=10)
-    assert main(["paper", "--tasks", "sst5", "--data-dir", str(data), "--out", str(tmp_path / "x")]) == 2
-    assert "unknown tasks ['sst5']" in capsys.readouterr().err
-    assert main(["paper", "--tv-size", "7", "--data-dir", str(data), "--out", str(tmp_path / "x")]) == 2
-    assert "tv_size=7 must be one of the sizes" in capsys.readouterr().err
-    assert main(["paper", "--render", str(tmp_path / "nothing")]) == 2
-    monkeypatch.syspath_prepend(str(install_offline_packages(tmp_path / "site", data)))
-    monkeypatch.delenv("MININTK_DATA", raising=False)
-    assert main(["paper", "--export-data", str(tmp_path / "copy")]) == 0
-    assert (tmp_path / "copy" / "kjv.jsonl").read_text() == (data / "kjv.jsonl").read_text()

@@ -1,5 +1,4 @@
-"""Width scans (minintk.width): the theory's sign pattern on a reduced scan, resumes, the time budget, failures,
-and the CLI."""
+"""Width scans (minintk.width): the theory's sign pattern on a reduced scan, resumes, the time budget, failures."""
 
 import json
 import time
@@ -9,7 +8,6 @@ import torch
 from conftest import TINY_SCAN
 
 from minintk import width
-from minintk.cli import main
 from minintk.width import run_scan, scan, summarize
 from minintk.width_config import ScanConfig, Variant, WidthScanError
 from minintk.width_report import summary_markdown
@@ -102,21 +100,3 @@ def test_unstable_runs_are_reported():
     summary = summarize(bad, scan(bad, progress=False))
     assert len(summary["failed"]) == 4 and all("unstable" in e for e in summary["failed"].values())
     assert "Failed runs" in summary_markdown(summary)
-
-
-def test_cli_width_scan(tmp_path, capsys):
-    out = tmp_path / "scan"
-    args = ["width-scan", "--widths", "8", "16", "--seeds", "2", "--parameterization", "ntk", "--attn-scale", "1/d",
-            "--start", "random", "--n-train", "4", "--n-test", "4", "--times", "0.5", "--out", str(out),
-            "--no-progress"]
-    assert main(args) == 0
-    text = capsys.readouterr().out
-    assert "| ntk, 1/d, random |" in text and "summary.md" in text, text
-    summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["variants"]) == {"ntk|1/d|random"} and summary["config"]["widths"] == [8, 16]
-    assert (out / "movement.png").read_bytes()[:8] == PNG
-    assert main(args[:2] + ["6", "10"] + args[4:]) == 2
-    assert "multiples of n_head" in capsys.readouterr().err
-    if not torch.cuda.is_available():
-        assert main(["width-scan", "--preset", "gpu", "--out", str(tmp_path / "g"), "--no-progress"]) == 2
-        assert "no CUDA" in capsys.readouterr().err
