@@ -8,6 +8,7 @@ from conftest import TINY_SCAN
 from minintk.width_config import ScanConfig, WidthScanError
 from minintk.width_tasks import load_task, tasks
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_task_files(tmp_path):
     X = np.random.default_rng(0).integers(0, 20, (10, 5))
