@@ -1,84 +1,46 @@
-"""The NTK Gram over many GPUs and many launches: a result folder of tiles (docs/theory.md section 2, blockwise).
+"""The NTK Gram over many GPUs and many launches, tile by tile (docs/theory.md section 2, blockwise).
 
 The symmetric Gram K (n, n) is cut into tiles of `tile` samples; only the upper triangle (i <= j) is computed,
 diagonal tiles as ntk(model, X[I]) and the others as ntk(model, X[I], X[J]). The tiles are dealt to the ranks
-of torch.distributed (or to the one process), written to out/tiles/ as they finish (safetensors + a JSON
-sidecar holding its sha256) and assembled into out/gram.safetensors. out/manifest.json holds the fingerprints
-of the model, the data and the settings: a restart skips the finished, intact tiles and refuses a folder whose
-tiles came from another model, data or setting. A tile is computed the same way whatever the number of ranks,
-so the Gram is bit-identical across world sizes (at the same memory budget: pin it with max_memory).
-
-    out/manifest.json                     fingerprints, descriptions, one entry per launch (written by rank 0)
-    out/tiles/tile_IIII_JJJJ.safetensors  K[I, J] under key "K": (m, m2) or (m, m2, C, C)
-    out/tiles/tile_IIII_JJJJ.json         sha256 of that file, seconds, rank, launch (written by its rank)
-    out/gram.safetensors                  the assembled K under key "K", when every tile is done
+of torch.distributed (or to the one process), written to the result folder as they finish and assembled when all
+are done (the folder, its checksums and fingerprints: tilefolder.py); a restart computes only what is missing. A
+tile is computed the same way whatever the number of ranks, so the Gram is bit-identical across world sizes (at
+the same memory budget: pin it with max_memory).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import hashlib
-import json
 import os
-import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from .engine import PRECISIONS, ntk
-from .files import json_digest, write_atomic, write_json
-
-FORMAT = "minintk-tiles/1"
-Inputs = torch.Tensor | Mapping[str, torch.Tensor]
-
-
-class TileRunError(ValueError):
-    """A tiled run that cannot start or resume: another run's folder, damaged tiles, bad data; says what to do."""
-
-
-# ----------------------------------------------------------------------------------------------- tiles
-
-
-@dataclass(frozen=True)
-class Tile:
-    """Block (i, j), i <= j, of the Gram: rows a:b and columns c:d, in samples."""
-
-    i: int
-    j: int
-    a: int
-    b: int
-    c: int
-    d: int
-
-    @property
-    def name(self) -> str:
-        return f"tile_{self.i:04d}_{self.j:04d}"
-
-    @property
-    def diagonal(self) -> bool:
-        return self.i == self.j
-
-    @property
-    def cost(self) -> int:
-        """Relative cost: a diagonal tile captures one block of samples, a cross tile two."""
-        return 1 if self.diagonal else 2
-
-
-def tile_grid(n: int, tile: int) -> list[Tile]:
-    """The upper-triangle tiles (i <= j) of an (n, n) Gram cut into blocks of `tile` samples, row-major."""
-    if not (isinstance(tile, int) and tile >= 1):
-        raise TileRunError(f"tile must be a positive number of samples, got {tile!r}")
-    edges = [(a, min(n, a + tile)) for a in range(0, n, tile)]
-    return [Tile(i, j, *edges[i], *edges[j]) for i in range(len(edges)) for j in range(i, len(edges))]
+from .engine import PRECISIONS, default_budget, ntk
+from .files import json_digest
+from .tilefolder import (
+    Inputs,
+    Tile,
+    TileRunError,
+    assemble,
+    begin_launch,
+    end_launch,
+    fingerprint_data,
+    fingerprint_model,
+    manifest,
+    num_samples,
+    run_key,
+    tile_grid,
+    write_tile,
+)
 
 
 def assign(tiles: Sequence[Tile], world_size: int) -> list[list[Tile]]:
@@ -88,82 +50,6 @@ def assign(tiles: Sequence[Tile], world_size: int) -> list[list[Tile]]:
     """
     order = sorted(tiles, key=lambda t: (-t.cost, t.i, t.j))
     return [order[r::world_size] for r in range(world_size)]
-
-
-# ----------------------------------------------------------------------------------------------- fingerprints
-
-# Odd 64-bit constants (the golden ratio's and Knuth's LCG increment), for position-dependent multipliers.
-_K1, _K2 = -7046029254386353131, 1442695040888963407
-_INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-
-
-def tensor_digest(t: torch.Tensor, chunk: int = 1 << 24) -> int:
-    """sum_k bits_k * m_k mod 2^64 over the raw bits of t, m_k = (k K1 + K2) | 1, on t's device.
-
-    Any change of one element changes the digest (an odd m_k is invertible mod 2^64); a GPU sums a billion
-    elements in well under a second. It guards against mistakes, not adversaries (it is not cryptographic).
-    """
-    flat = t.detach().contiguous().reshape(-1)
-    bits = flat.view(_INT_OF_SIZE.get(flat.element_size(), torch.uint8))
-    acc = torch.zeros((), dtype=torch.int64, device=t.device)
-    for s in range(0, bits.numel(), chunk):
-        w = bits[s : s + chunk].to(torch.int64)
-        m = torch.arange(s, s + w.numel(), dtype=torch.int64, device=t.device) * _K1 + _K2
-        acc += (w * (m | 1)).sum()
-    return int(acc) & (2**64 - 1)
-
-
-def _describe_model(model: nn.Module) -> dict:
-    cfg = getattr(model, "cfg", None) or getattr(model, "config", None)
-    cfg = cfg.to_dict() if hasattr(cfg, "to_dict") else vars(cfg) if cfg is not None else {}
-    params = list(model.parameters())
-    return {
-        "class": f"{type(model).__module__}.{type(model).__qualname__}",
-        "config": json.loads(json.dumps(cfg, sort_keys=True, default=str)),
-        "dtype": str(params[0].dtype) if params else None,
-        "parameters": sum(p.numel() for p in params),
-    }
-
-
-def fingerprint_model(model: nn.Module) -> str:
-    """sha256 (hex) of the model's class and config and of every parameter and buffer: name, shape, dtype,
-    requires_grad and bits (tensor_digest, computed where the model lives). Changes if any weight changes."""
-    tensors = [
-        [name, str(t.dtype), list(t.shape), bool(t.requires_grad), f"{tensor_digest(t):016x}"]
-        for name, t in [*model.named_parameters(), *model.named_buffers()]
-    ]
-    return json_digest({"model": _describe_model(model), "tensors": tensors})
-
-
-def _items(X: Inputs) -> list[tuple[str, torch.Tensor]]:
-    if isinstance(X, torch.Tensor):
-        return [("", X)]
-    if isinstance(X, Mapping) and X and all(isinstance(v, torch.Tensor) for v in X.values()):
-        return sorted(X.items())
-    raise TileRunError(f"X must be a tensor (n, T) or a dict of tensors (ids and masks), got {type(X).__name__}")
-
-
-def fingerprint_data(X: Inputs) -> str:
-    """sha256 (hex) of the inputs: key names, shapes and values (integers as int64, so int32 ids hash alike)."""
-    h = hashlib.sha256()
-    for key, t in _items(X):
-        t = t.detach().cpu()
-        if not (t.is_floating_point() or t.is_complex()):
-            t = t.to(torch.int64)
-        h.update(json.dumps([key, list(t.shape), str(t.dtype)]).encode())
-        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _describe_data(X: Inputs) -> dict:
-    return {"shapes": {k or "ids": list(t.shape) for k, t in _items(X)}}
-
-
-def _num_samples(X: Inputs) -> int:
-    sizes = {t.shape[0] if t.dim() else 0 for _, t in _items(X)}
-    if len(sizes) != 1 or 0 in sizes:
-        raise TileRunError(f"X needs one leading sample dimension shared by its tensors, got sizes {sorted(sizes)}")
-    return sizes.pop()
 
 
 def _rows(X: Inputs, lo: int, hi: int) -> Inputs:
@@ -215,148 +101,8 @@ def _barrier() -> None:
             dist.barrier()
 
 
-def _default_budget(device: torch.device) -> int:
-    """Bytes for one tile's working set: 75% of the free GPU memory (as the engine), or half the available RAM
-    up to 8 GiB."""
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        return int(0.75 * torch.cuda.mem_get_info(device)[0])
-    avail = 16 << 30
-    try:
-        with open("/proc/meminfo") as f:
-            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-    except (OSError, StopIteration, ValueError):
-        pass
-    return min(8 << 30, avail // 2)
-
-
 def _device_name(device: torch.device) -> str:
     return f"{device} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else str(device)
-
-
-# ----------------------------------------------------------------------------------------------- the folder
-
-
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _read_manifest(out: Path) -> dict:
-    path = out / "manifest.json"
-    try:
-        m = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise TileRunError(f"{out} holds no manifest.json: not a minintk tile folder (or not started yet)") from None
-    except json.JSONDecodeError as e:
-        raise TileRunError(f"{path} is damaged ({e}); start a new folder or pass --overwrite") from None
-    if m.get("format") != FORMAT:
-        raise TileRunError(f"{path} has format {m.get('format')!r}, this minintk reads {FORMAT!r}")
-    return m
-
-
-def _run_key(fingerprints: dict) -> str:
-    return json_digest(fingerprints)
-
-
-def _read_tile(out: Path, tile: Tile, key: str) -> tuple[str | None, dict | None, bytes | None]:
-    """(why the tile is not usable or None, its sidecar, its file's bytes). Why is "missing" if never finished."""
-    side = out / "tiles" / f"{tile.name}.json"
-    if not side.exists():
-        return "missing", None, None
-    try:
-        meta = json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError):
-        return "sidecar unreadable", None, None
-    if meta.get("run") != key:
-        return "sidecar of another run", meta, None
-    try:
-        data = (out / "tiles" / f"{tile.name}.safetensors").read_bytes()
-    except FileNotFoundError:
-        return "tile file missing", meta, None
-    if hashlib.sha256(data).hexdigest() != meta.get("sha256"):
-        return "checksum mismatch", meta, None
-    return None, meta, data
-
-
-def _scan(out: Path, grid: list[Tile], key: str) -> tuple[list[str], dict[str, str]]:
-    """(names of finished intact tiles, {name: why} of finished tiles that are damaged or stale)."""
-    done, stale = [], {}
-    for t in grid:
-        why, _, _ = _read_tile(out, t, key)
-        if why is None:
-            done.append(t.name)
-        elif why != "missing":
-            stale[t.name] = why
-    return done, stale
-
-
-def _mismatch(old: dict, new: dict, out: Path) -> str | None:
-    """Why a folder's run differs from this one, naming each fingerprint that changed; None if the same."""
-    reasons = []
-    if old["fingerprints"]["model"] != new["fingerprints"]["model"]:
-        a, b = old["model"], new["model"]
-        fields = sorted(k for k in set(a["config"]) | set(b["config"]) if a["config"].get(k) != b["config"].get(k))
-        if a["class"] != b["class"]:
-            what = f"class {a['class']} -> {b['class']}"
-        elif fields:
-            what = "config " + ", ".join(f"{k} {a['config'].get(k)!r} -> {b['config'].get(k)!r}" for k in fields)
-        elif a["dtype"] != b["dtype"]:
-            what = f"dtype {a['dtype']} -> {b['dtype']}"
-        else:
-            what = "same architecture, different weights (random weights also change with --seed or the device)"
-        reasons.append(f"the model changed ({what})")
-    if old["fingerprints"]["data"] != new["fingerprints"]["data"]:
-        a, b = old["data"]["shapes"], new["data"]["shapes"]
-        reasons.append(f"the data changed ({f'shapes {a} -> {b}' if a != b else 'same shapes, other token ids/masks'})")
-    if old["fingerprints"]["settings"] != new["fingerprints"]["settings"]:
-        a, b = old["settings"], new["settings"]
-        diff = ", ".join(f"{k} {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
-        reasons.append(f"the settings changed ({diff})")
-    if not reasons:
-        return None
-    return (
-        f"{out} holds tiles of another run: {'; '.join(reasons)}. Resume with the original model, data and settings, "
-        f"write to a new folder, or pass --overwrite (overwrite=True) to delete the old tiles"
-    )
-
-
-def _clear(out: Path) -> None:
-    """Delete what a run writes (manifest, tiles/, gram) and nothing else."""
-    shutil.rmtree(out / "tiles", ignore_errors=True)
-    for name in ("manifest.json", "gram.safetensors"):
-        (out / name).unlink(missing_ok=True)
-
-
-def _prepare(out: Path, record: dict, grid: list[Tile], overwrite: bool, launch_info: dict) -> dict:
-    """Rank 0: check or create the manifest, clean temporary files, find the finished tiles, log the launch."""
-    if overwrite:
-        _clear(out)
-    if (out / "manifest.json").exists():
-        old = _read_manifest(out)
-        why = _mismatch(old, record, out)
-        if why:
-            raise TileRunError(why)
-        record["launches"] = old.get("launches", [])
-    (out / "tiles").mkdir(parents=True, exist_ok=True)
-    for p in (out / "tiles").glob("*.tmp-*"):  # left by a process killed mid-write
-        p.unlink(missing_ok=True)
-    done, stale = _scan(out, grid, _run_key(record["fingerprints"]))
-    launch = len(record["launches"]) + 1
-    record["launches"].append(
-        {"launch": launch, "started": _now(), **launch_info, "tiles_done_at_start": len(done),
-         "tiles_to_compute": len(grid) - len(done), "stale_tiles": stale}
-    )
-    write_json(out / "manifest.json", record)
-    return {"launch": launch, "done": done, "stale": stale}
-
-
-def _write_tile(out: Path, tile: Tile, K: torch.Tensor, sidecar: dict) -> None:
-    """The tile file, then its sidecar with the file's sha256: a tile counts as done once both are in place."""
-    from safetensors.torch import save
-
-    data = save({"K": K.contiguous()}, metadata={"run": sidecar["run"]})
-    write_atomic(out / "tiles" / f"{tile.name}.safetensors", data)
-    write_json(out / "tiles" / f"{tile.name}.json", {**sidecar, "sha256": hashlib.sha256(data).hexdigest()})
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -408,32 +154,30 @@ def tiled_ntk(
     and X (n, T) ids or a dict of ids and masks; each computes its share of the upper-triangle tiles of `tile`
     samples on its model's device. Restarting skips finished tiles; a folder of another model, data or
     settings (precision, params: None or glob patterns, output_name, tile) is refused unless overwrite=True.
-    max_memory: bytes for one tile's working set (default 75% of free GPU memory, the smallest over ranks).
-    Under NCCL, call torch.cuda.set_device(local_rank) first (`launch` does). Returns K on rank 0 (fp64 for
-    precision="fp64", else fp32), also saved as out/gram.safetensors; None on the other ranks.
+    max_memory: bytes for one tile's working set (default minintk.engine.default_budget: 90% of the free GPU
+    memory, the smallest over ranks). Under NCCL, call torch.cuda.set_device(local_rank) first (process_group does).
+    Returns K on rank 0 (fp64 for precision="fp64", else fp32), also saved as out/gram.safetensors; None on the
+    other ranks. Raises TileRunError for bad settings, another run's folder, or ranks that disagree.
     """
     out = Path(out)
     rank, world = _rank_world()
-    n = _num_samples(X)
+    n = num_samples(X)
     grid = tile_grid(n, tile)
     settings = _settings(tile, precision, params, output, output_name)
     device = next(model.parameters()).device
     fingerprints = {"model": fingerprint_model(model), "data": fingerprint_data(X), "settings": json_digest(settings)}
-    views = _all_gather({"fingerprints": fingerprints, "budget": max_memory or _default_budget(device)})
+    views = _all_gather({"fingerprints": fingerprints, "budget": max_memory or default_budget(device)})
     differ = [r for r, v in enumerate(views) if v["fingerprints"] != views[0]["fingerprints"]]
     if differ:
         raise TileRunError(f"ranks {differ} hold another model, data or settings than rank 0; every rank must "
                            f"build the same model (same seed) and data")
     budget = min(v["budget"] for v in views)
-    key = _run_key(fingerprints)
-    record = {"format": FORMAT, "fingerprints": fingerprints, "model": _describe_model(model),
-              "data": _describe_data(X), "settings": settings, "n": n, "tile": tile, "tiles_total": len(grid),
-              "launches": []}
+    record = manifest(model, X, settings, tile, fingerprints)
     info = {"world_size": world, "device": _device_name(device), "host": socket.gethostname(), "budget_bytes": budget}
-    state = _on_rank0(lambda: _prepare(out, record, grid, overwrite, info))
+    launch = _on_rank0(lambda: begin_launch(out, record, overwrite, info))
     if precision == "fp64" and next(model.parameters()).dtype != torch.float64:
         model = copy.deepcopy(model).to(torch.float64)  # once here, not once per tile inside ntk
-    done = set(state["done"])
+    done = set(launch.done)
     mine = assign([t for t in grid if t.name not in done], world)[rank]
     if rank == 0 and progress:
         print(f"minintk ntk: {len(grid)} tiles of {tile} samples (n={n}); {len(done)} done, "
@@ -443,143 +187,20 @@ def tiled_ntk(
 
     bar = tqdm(total=len(mine), desc=f"tiles of rank 0 (of {world})", disable=not progress or rank != 0,
                file=sys.stderr)
+    key = run_key(fingerprints)
     for t in mine:
         start = time.perf_counter()
         K = _compute(model, X, t, budget, precision=precision, params=params, output=output)
-        sidecar = {
-            "tile": [t.i, t.j], "rows": [t.a, t.b], "cols": [t.c, t.d], "kind": "diagonal" if t.diagonal else "cross",
-            "shape": list(K.shape), "dtype": str(K.dtype), "run": key, "launch": state["launch"], "rank": rank,
-            "world_size": world, "seconds": time.perf_counter() - start, "finished": _now(),
-            "recomputed": state["stale"].get(t.name),  # why the finished tile it replaces was unusable
-        }
-        _write_tile(out, t, K, sidecar)
+        write_tile(out, t, K, run=key, launch=launch, rank=rank, world_size=world,
+                   seconds=time.perf_counter() - start)
         bar.update(1)
     bar.close()
     _barrier()
     if rank != 0:
         return None
     K = assemble(out)
-    manifest = _read_manifest(out)
-    manifest["launches"][-1]["finished"] = _now()
-    write_json(out / "manifest.json", manifest)
+    end_launch(out)
     return K
-
-
-def assemble(out: str | os.PathLike) -> torch.Tensor:
-    """The Gram (n, n) or (n, n, C, C) of a finished folder, every tile's checksum verified; writes gram.safetensors."""
-    from safetensors.torch import load, save
-
-    out = Path(out)
-    m = _read_manifest(out)
-    key, n = _run_key(m["fingerprints"]), m["n"]
-    K, bad = None, {}
-    for t in tile_grid(n, m["tile"]):
-        why, _, data = _read_tile(out, t, key)
-        if why:
-            bad[t.name] = why
-            continue
-        block = load(data)["K"]
-        if K is None:
-            K = torch.empty((n, n, *block.shape[2:]), dtype=block.dtype)
-        K[t.a : t.b, t.c : t.d] = block
-        if not t.diagonal:  # K[j, i] = K[i, j]^T, outputs swapped too for a multi-output Gram
-            K[t.c : t.d, t.a : t.b] = block.transpose(0, 1).transpose(2, 3) if block.dim() == 4 else block.T
-    if bad:
-        shown = ", ".join(f"{k} ({v})" for k, v in list(bad.items())[:6])
-        raise TileRunError(
-            f"{out}: {len(bad)} tile(s) not finished or damaged: {shown}{' ...' if len(bad) > 6 else ''}. Run the "
-            f"same command again to compute them (all ranks must write to one shared folder)"
-        )
-    write_atomic(out / "gram.safetensors", save({"K": K}, metadata={"fingerprints": json.dumps(m["fingerprints"])}))
-    return K
-
-
-# ----------------------------------------------------------------------------------------------- progress
-
-
-def status(out: str | os.PathLike) -> dict:
-    """Progress of a folder from its manifest and sidecars (checksums are verified on resume and assembly):
-    tiles done/total, per launch the tiles computed and recomputed, and the estimated seconds left."""
-    out = Path(out)
-    m = _read_manifest(out)
-    key = _run_key(m["fingerprints"])
-    grid = tile_grid(m["n"], m["tile"])
-    sides = {}
-    for t in grid:
-        try:
-            meta = json.loads((out / "tiles" / f"{t.name}.json").read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-        if meta.get("run") == key:
-            sides[t.name] = meta
-    left = [t for t in grid if t.name not in sides]
-    launches = []
-    for entry in m.get("launches", []):
-        mine = [s for s in sides.values() if s.get("launch") == entry["launch"]]
-        launches.append({**entry, "tiles_computed": len(mine), "recomputed": sum(bool(s["recomputed"]) for s in mine),
-                         "tile_seconds": sum(s["seconds"] for s in mine)})
-    world = launches[-1]["world_size"] if launches else 1
-    return {
-        "out": str(out), "n": m["n"], "tile": m["tile"], "settings": m["settings"], "model": m["model"],
-        "data": m["data"], "tiles_total": len(grid), "tiles_done": len(sides), "tiles_left": len(left),
-        "recomputed": sum(bool(s["recomputed"]) for s in sides.values()), "launches": launches,
-        "eta_s": _eta(list(sides.values()), left, world),
-        "gram": str(out / "gram.safetensors") if (out / "gram.safetensors").exists() and not left else None,
-    }
-
-
-def _steady(sides: list[dict]) -> list[dict]:
-    """The tiles timed in steady state: without each (launch, rank)'s first tile, which also paid the model's
-    discovery and the kernels' warm-up (all of them where a launch and rank has finished one tile only)."""
-    first: dict[tuple, dict] = {}
-    for s in sides:
-        key = (s.get("launch"), s.get("rank"))
-        if key not in first or s.get("finished", "") < first[key].get("finished", ""):
-            first[key] = s
-    rest = [s for s in sides if all(s is not f for f in first.values())]
-    return rest or sides
-
-
-def _eta(sides: list[dict], left: list[Tile], world: int) -> float | None:
-    """Seconds for the tiles left on `world` ranks: the steady-state mean time of each kind so far (the other
-    kind by cost)."""
-    if not left:
-        return 0.0
-    if not sides:
-        return None
-    sides = _steady(sides)
-    cost = {"diagonal": 1, "cross": 2}
-    per_unit = sum(s["seconds"] for s in sides) / sum(cost[s["kind"]] for s in sides)
-    mean = {}
-    for kind in cost:
-        secs = [s["seconds"] for s in sides if s["kind"] == kind]
-        mean[kind] = sum(secs) / len(secs) if secs else per_unit * cost[kind]
-    return sum(mean["diagonal" if t.diagonal else "cross"] for t in left) / world
-
-
-def format_status(st: dict) -> str:
-    """The status dict as the lines `minintk ntk --status` prints."""
-    s, cfg = st["settings"], st["model"]["config"]
-    arch = ", ".join(f"{k}={cfg[k]}" for k in ("d_model", "n_layer", "head") if k in cfg)
-    eta = st["eta_s"]
-    rows = [
-        ("folder", st["out"]),
-        ("model", f"{st['model']['class'].rsplit('.', 1)[-1]} {arch} ({st['model']['parameters']:,} parameters)"),
-        ("data", ", ".join(f"{k} {tuple(v)}" for k, v in st["data"]["shapes"].items())),
-        ("settings", f"precision {s['precision']}, tile {s['tile']}, params {s['params'] or 'all'}, {s['output']}"),
-        ("tiles", f"{st['tiles_done']} / {st['tiles_total']} done, {st['tiles_left']} left"),
-        ("recomputed tiles", str(st["recomputed"])),
-        ("est. time left", "unknown (no tile finished yet)" if eta is None else f"{eta:.0f} s on "
-         f"{st['launches'][-1]['world_size'] if st['launches'] else 1} rank(s)"),
-        ("gram", st["gram"] or "not assembled yet"),
-    ]
-    for e in st["launches"]:
-        end = f"finished {e['finished']}" if e.get("finished") else "interrupted or running"
-        tiles = f"{e['tiles_computed']} tiles ({e['recomputed']} recomputed), {e['tile_seconds']:.1f} tile-s"
-        where = f"{e['world_size']} rank(s) on {e['device']}"
-        rows.append((f"launch {e['launch']}", f"{e['started']}, {where}: {tiles}; {end}"))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
 # ----------------------------------------------------------------------------------------------- launching
@@ -608,4 +229,5 @@ def process_group(device: str | None = None):
 
 
 def is_rank0() -> bool:
+    """Whether this process is rank 0 of torch.distributed, or the one process."""
     return _rank_world()[0] == 0

@@ -148,8 +148,8 @@ def tokenizer_for(source: str, spec: str | None, texts: Sequence[str], words: Se
     """The tokenizer for text input: spec (a folder or tokenizer.json saved with save_pretrained), else the model
     folder's own; spec "fallback" trains a byte-level BPE on the texts (label words as single tokens), for
     random-weight built-ins. No tokenizer and no fallback asked for: SourceError."""
-    from .data import train_tokenizer
     from .gptneo import load_tokenizer
+    from .tokenization import train_tokenizer
 
     if spec == "fallback":
         return train_tokenizer(texts, vocab_size=min(vocab, 4096), extra_words=tuple(words))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .width import METRICS
+from .width_metrics import METRICS
 
 
 def _cell(entry: dict | None) -> str:

@@ -85,7 +85,7 @@ def make_gpt_neo_with_tokenizer(folder, d=16, layers=2, positions=32, seed=0):
     " negative" and " positive" as single tokens), as `hf download` leaves a model folder."""
     from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
-    from minintk.data import train_tokenizer
+    from minintk.tokenization import train_tokenizer
 
     tok = train_tokenizer(REVIEWS * 4, vocab_size=320, extra_words=(" negative", " positive"))
     torch.manual_seed(seed)
@@ -96,3 +96,45 @@ def make_gpt_neo_with_tokenizer(folder, d=16, layers=2, positions=32, seed=0):
     hf.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+# A tiled Gram as `minintk ntk` computes it: the tiny decoder's fp64 label-word difference on 24 random sequences,
+# in 6 blocks of 4 samples: 21 upper-triangle tiles.
+TILE_DATA, TILE, TILES = "random:24:8:512:0", 4, 21
+
+
+@pytest.fixture(scope="session")
+def tiled_reference(tmp_path_factory):
+    """(model, X, K, folder) of an uninterrupted one-process tiled_ntk run (one thread, as torchrun gives each
+    rank), built as the CLI builds them. Tests copy the folder before changing it."""
+    from minintk.distributed import tiled_ntk
+    from minintk.sources import load_model, load_tokens
+
+    model = load_model("tiny", (3, 7), diff=True, seed=0, device="cpu", dtype=torch.float64)
+    X = load_tokens(TILE_DATA, model.cfg.vocab_size)
+    out = tmp_path_factory.mktemp("reference")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        K = tiled_ntk(model, X, out, tile=TILE, precision="fp64", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return model, X, K, out
+
+
+def sidecars(out) -> dict:
+    """{tile name: sidecar} of a tile folder, skipping a sidecar being written right now."""
+    import json
+
+    found = {}
+    for p in (out / "tiles").glob("*.json"):
+        try:
+            found[p.stem] = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            pass
+    return found
+
+
+# A width scan small enough for a test: 2 widths x 2 seeds of a 1-block decoder on 4 + 4 sequences of 3 tokens.
+TINY_SCAN = dict(n_layer=1, n_head=2, vocab_size=8, seq_len=3, n_train=4, n_test=4, teacher_width=4, times=(0.5,),
+                 pretrain_time=0.5, seeds=2, widths=(8, 16))

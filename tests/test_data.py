@@ -1,15 +1,28 @@
 """Text tasks (minintk.data): the lexicon and hub formats parsed from small local files, deterministic disjoint
-splits, prompts that keep their answer cue, label words as single tokens."""
+splits, the offline files found in their packages."""
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from minintk import data as D
-from minintk.data import DataError
+from minintk.data import (
+    FILES,
+    DataError,
+    Task,
+    data_file,
+    export_offline_data,
+    kernel_sample,
+    load_task,
+    pretraining_text,
+    read_afinn,
+    read_vader,
+    split,
+)
 
 VADER_LINES = [
     ":)\t2.0\t1.18322\t[2, 2, 1, 1, 1, 1, 4, 3, 4, 1]",
@@ -39,7 +52,7 @@ def write_offline(folder, n_extra: int = 0, seed: int = 0):
 
 
 def test_vader_parses_mean_and_the_noise_of_the_mean(tmp_path):
-    words, mean, sd = D.read_vader(write_offline(tmp_path) / "vader_lexicon.txt")
+    words, mean, sd = read_vader(write_offline(tmp_path) / "vader_lexicon.txt")
     assert words == [":)", "abandon", "ace", "zealous"]
     np.testing.assert_allclose(mean, [2.0, -1.9, 0.6, 0.5])
     ratings = np.array([json.loads(line.split("\t")[3]) for line in VADER_LINES], dtype=float)
@@ -49,19 +62,19 @@ def test_vader_parses_mean_and_the_noise_of_the_mean(tmp_path):
 
 def test_afinn_and_kjv_parse(tmp_path):
     folder = write_offline(tmp_path)
-    words, score = D.read_afinn(folder / "AFINN-en-165.txt")
+    words, score = read_afinn(folder / "AFINN-en-165.txt")
     assert words == ["abandon", "cool stuff", "some kind", "yeah"] and score.tolist() == [-2, 3, 0, 1]
-    text = D.pretraining_text(folder)
+    text = pretraining_text(folder)
     assert text.startswith("In the beginning") and text.count("\n") == 39
 
 
 def test_offline_tasks_from_a_data_dir(tmp_path):
     folder = write_offline(tmp_path, n_extra=40)
-    vader = D.load_task("vader", folder)
+    vader = load_task("vader", folder)
     assert vader.kind == "regression" and len(vader) == 44 and vader.noise_sd.shape == (44,)
-    agreed = D.load_task("vader-agreed", folder)
+    agreed = load_task("vader-agreed", folder)
     assert len(agreed) < len(vader) and np.all(agreed.noise_sd < np.median(vader.noise_sd))
-    sign = D.load_task("afinn-sign", folder)
+    sign = load_task("afinn-sign", folder)
     assert sign.kind == "classification" and len(sign) == 43  # "some kind" (0) dropped
     assert set(np.unique(sign.y)) == {0.0, 1.0} and sign.label_words == (" negative", " positive")
     assert sign.prompts([0]) == ["Word: abandon\nSentiment:"] and sign.y[0] == 0
@@ -69,30 +82,42 @@ def test_offline_tasks_from_a_data_dir(tmp_path):
 
 def test_missing_files_say_what_to_do(tmp_path):
     with pytest.raises(DataError, match="export-data"):
-        D.load_task("vader", tmp_path)
+        load_task("vader", tmp_path)
     with pytest.raises(DataError, match="offline: vader"):
-        D.load_task("sst5", tmp_path)
+        load_task("sst5", tmp_path)
     (tmp_path / "AFINN-en-165.txt").write_text("abandon -2\n")
     with pytest.raises(DataError, match="word<TAB>score"):
-        D.load_task("afinn", tmp_path)
+        load_task("afinn", tmp_path)
 
 
-def test_export_copies_the_three_files(tmp_path, monkeypatch):
-    src = write_offline(tmp_path / "pkg")
-    monkeypatch.setattr(D, "_package_file", lambda name: src / name)
-    out = D.export_offline_data(tmp_path / "out")
-    assert sorted(p.name for p in out.iterdir()) == sorted(D.FILES)
-    assert D.load_task("afinn", out).y.tolist() == D.load_task("afinn", src).y.tolist()
+def install_offline_packages(root: Path, data: Path) -> Path:
+    """The PyPI packages that ship the offline data files, as far as minintk reads them (a package folder with the
+    file at its place, FILES), written under root from the files of `data`. Put root on sys.path to use them."""
+    for name, (package, rel) in FILES.items():
+        (root / package / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / package / "__init__.py").touch()
+        shutil.copyfile(data / name, root / package / rel)
+    return root
 
 
-def toy_task(n: int) -> D.Task:
-    return D.Task("toy", "regression", [(f"w{i}",) for i in range(n)], np.arange(n, dtype=float), "{0}")
+def test_files_come_from_the_installed_packages_and_export_copies_them(tmp_path, monkeypatch):
+    src = write_offline(tmp_path / "data")
+    monkeypatch.syspath_prepend(str(install_offline_packages(tmp_path / "site", src)))
+    monkeypatch.delenv("MININTK_DATA", raising=False)
+    assert data_file("kjv.jsonl") == tmp_path / "site" / "bible" / "data" / "kjv.jsonl"
+    out = export_offline_data(tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == sorted(FILES)
+    assert load_task("afinn", out).y.tolist() == load_task("afinn", src).y.tolist()
+
+
+def toy_task(n: int) -> Task:
+    return Task("toy", "regression", [(f"w{i}",) for i in range(n)], np.arange(n, dtype=float), "{0}")
 
 
 @given(n=st.integers(46, 300), n_val=st.integers(1, 10), n_test=st.integers(1, 15), seed=st.integers(0, 5))
 def test_splits_are_deterministic_disjoint_and_nested(n, n_val, n_test, seed):
     t = toy_task(n)
-    a, b = D.split(t, n_val, n_test), D.split(t, n_val, n_test)
+    a, b = split(t, n_val, n_test), split(t, n_val, n_test)
     for x, y in ((a.train, b.train), (a.val, b.val), (a.test, b.test)):
         np.testing.assert_array_equal(x, y)
     parts = np.concatenate([a.train, a.val, a.test])
@@ -108,7 +133,7 @@ def test_splits_are_deterministic_disjoint_and_nested(n, n_val, n_test, seed):
 def test_fixed_splits_draw_test_from_the_test_split():
     t = toy_task(100)
     t.fixed = {"train": np.arange(70), "test": np.arange(70, 100)}
-    sp = D.split(t, 10, 50)
+    sp = split(t, 10, 50)
     assert set(sp.test) == set(range(70, 100)) and set(sp.train) | set(sp.val) == set(range(70))
     with pytest.raises(DataError, match="exceeds the train pool"):
         sp.train_subset(61)
@@ -116,38 +141,10 @@ def test_fixed_splits_draw_test_from_the_test_split():
 
 def test_kernel_sample_is_seeded_and_inside_the_pool():
     t = toy_task(300)
-    sp = D.split(t, 20, 20)
-    a, b, c = (D.kernel_sample(t, sp, 100, draw=d) for d in (0, 0, 1))
+    sp = split(t, 20, 20)
+    a, b, c = (kernel_sample(t, sp, 100, draw=d) for d in (0, 0, 1))
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c) and set(a) <= set(sp.train) and np.unique(a).size == 100
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    corpus = ["In the beginning God created the heaven and the earth. " * 20, "Word: good\nSentiment:"]
-    return D.train_tokenizer(corpus, vocab_size=300, extra_words=D.SENTIMENT_WORDS)
-
-
-def test_fallback_tokenizer_makes_label_words_single_tokens(tokenizer):
-    i0, i1 = D.label_ids(tokenizer, D.SENTIMENT_WORDS)
-    assert i0 != i1 and tokenizer.decode([i0]) == " negative"
-    assert tokenizer.decode(tokenizer.encode("any text, even ünïcode :-)")) == "any text, even ünïcode :-)"
-    with pytest.raises(DataError, match="one token"):
-        D.label_ids(tokenizer, (" heaven and", " earth"))
-
-
-def test_encode_pads_and_cuts_fields_not_the_answer_cue(tokenizer):
-    t = D.Task("pairs", "classification", [("short", "also short"), ("long " * 50, "other " * 50)], [0, 1],
-               "A: {0}\nB: {1}\nAnswer:", D.SENTIMENT_WORDS)
-    enc = D.encode(t, [0, 1], tokenizer, max_len=40)
-    assert enc.ids.shape[1] <= 40 and enc.mask[1].all()
-    n0 = int(enc.mask[0].sum())
-    assert tokenizer.decode(enc.ids[0, :n0].tolist()) == "A: short\nB: also short\nAnswer:"
-    assert (enc.ids[0, n0:] == 0).all() and not enc.mask[0, n0:].any()
-    assert tokenizer.decode(enc.ids[1].tolist()).endswith("\nAnswer:")
-    assert enc.packed().shape == (2, 2, enc.ids.shape[1])
-    with pytest.raises(DataError, match="raise max_len"):
-        D.encode(t, [0], tokenizer, max_len=3)
 
 
 # ------------------------------------------------------------------------------------- the paper's tasks, local files
@@ -167,7 +164,7 @@ def test_glue_rte_from_local_parquet_uses_validation_as_test_and_drops_hidden_la
     for name, rows in (("train", train), ("validation", val)):
         files[name] = tmp_path / f"rte-{name}.parquet"
         datasets.Dataset.from_list(rows).to_parquet(str(files[name]))
-    t = D.load_task("rte", data_files=files)
+    t = load_task("rte", data_files=files)
     assert t.kind == "classification" and len(t) == 17 and t.label_words == (" Yes", " No")
     assert t.fixed["train"].size == 12 and t.fixed["test"].size == 5
     assert t.prompts([0])[0] == 'first sentence 0\nQuestion: does this imply "second 0"? Yes or No?\nAnswer:'
@@ -180,7 +177,7 @@ def test_sts_regression_from_local_jsonl_and_tsv(tmp_path):
     (tmp_path / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     (tmp_path / "test.tsv").write_text("sentence1\tsentence2\tscore\n" + "\n".join(
         f"{r['sentence1']}\t{r['sentence2']}\t{r['score']}" for r in rows[:3]))
-    t = D.load_task("sts12", data_files={"train": tmp_path / "train.jsonl", "test": tmp_path / "test.tsv"})
+    t = load_task("sts12", data_files={"train": tmp_path / "train.jsonl", "test": tmp_path / "test.tsv"})
     assert t.kind == "regression" and len(t) == 11 and t.y[7] == 3.5 and t.y[8:].tolist() == [0.0, 0.5, 1.0]
     assert t.prompts([1])[0] == "Sentence 1: a 1\nSentence 2: b 1\nSimilarity (0 to 5):"
 
@@ -190,10 +187,10 @@ def test_amazon_reads_at_most_max_rows_and_names_missing_columns(tmp_path):
     rows = [{"label": i % 2, "title": f"t{i}", "content": f"c{i}"} for i in range(5)]
     for s in ("train", "test"):
         (tmp_path / f"{s}.json").write_text("\n".join(json.dumps(r) for r in rows))
-    t = D.load_task("amazon", data_files={"train": tmp_path / "train.json", "test": tmp_path / "test.json"})
+    t = load_task("amazon", data_files={"train": tmp_path / "train.json", "test": tmp_path / "test.json"})
     assert len(t) == 10 and t.prompts([3]) == ["Review: t3. c3\nSentiment:"] and t.y[3] == 1
     (tmp_path / "bad.json").write_text(json.dumps({"text": "x", "label": 1}))
     with pytest.raises(DataError, match="lacks columns"):
-        D.load_task("amazon", data_files={"train": tmp_path / "bad.json", "test": tmp_path / "bad.json"})
+        load_task("amazon", data_files={"train": tmp_path / "bad.json", "test": tmp_path / "bad.json"})
     with pytest.raises(DataError, match="unknown format"):
-        D.load_task("cr", data_files={"train": tmp_path / "x.xlsx", "test": tmp_path / "x.xlsx"})
+        load_task("cr", data_files={"train": tmp_path / "x.xlsx", "test": tmp_path / "x.xlsx"})

@@ -1,12 +1,12 @@
-"""The paper pipeline (minintk.paper, `minintk paper`) end to end at toy size, on data files the test writes."""
+"""The paper pipeline (minintk.paper) end to end at toy size, on data files the test writes."""
 
 import json
 
 import pytest
 from test_data import write_offline
 
-from minintk import paper
-from minintk.cli import main
+from minintk.paper import run
+from minintk.paper_config import PaperConfig, config
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -19,12 +19,12 @@ def toy_config(tmp_path, **kw):
                 lr={"full": 1e-2, "tangent": 1e-2, "probe": 1e-1}, batch_size=8, max_steps=10, eval_every=5,
                 patience=2, tv_size=30, tangent=True, xi_alphas=(0.0, 1.0), xi_samples=10,
                 budget_min=None, threads=1)
-    return paper.config("default", **(base | kw))
+    return config("default", **(base | kw))
 
 
 def test_the_pipeline_writes_every_part_of_the_report(tmp_path):
     out = tmp_path / "report"
-    res = paper.run(toy_config(tmp_path), out)
+    res = run(toy_config(tmp_path), out)
     assert res["finished"] and set(res["phases"]) == {"setup", "kernels", "curves", "vectors"}
     assert set(res["kernels"]) == {"vader", "afinn-sign", "vader-sign"}
     assert all(len(k["draws"]) == 2 for k in res["kernels"].values())
@@ -37,7 +37,7 @@ def test_the_pipeline_writes_every_part_of_the_report(tmp_path):
     for variant in ("full", "tangent"):
         v = res["vectors"][variant]
         assert len(v["cosine"]) == 3 and len(v["addition_pairs"]) == 3 and set(v["negation"]) == set(v["tasks"])
-        assert v["addition_all"]["lambda"] in paper.PaperConfig().tv_grid
+        assert v["addition_all"]["lambda"] in PaperConfig().tv_grid
         assert len(v["xi"]["grid"]["xi"]) == 2 and len(v["xi"]["pairs_at_1_1"]) == 3
     saved = json.loads((out / "results.json").read_text())
     assert saved["finished"] and saved["model"]["pretrain"]["tokens_seen"] == 4 * 4 * 16
@@ -49,17 +49,3 @@ def test_the_pipeline_writes_every_part_of_the_report(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     cached = next((tmp_path / "cache" / "paper").iterdir())
     assert {"model.safetensors", "config.json", "tokenizer.json", "pretrain.json"} <= {p.name for p in cached.iterdir()}
-
-
-def test_cli_renders_exports_and_explains_errors(tmp_path, capsys, monkeypatch):
-    data = write_offline(tmp_path / "data", n_extra=10)
-    assert main(["paper", "--tasks", "sst5", "--data-dir", str(data), "--out", str(tmp_path / "x")]) == 2
-    assert "unknown tasks ['sst5']" in capsys.readouterr().err
-    assert main(["paper", "--tv-size", "7", "--data-dir", str(data), "--out", str(tmp_path / "x")]) == 2
-    assert "tv_size=7 must be one of the sizes" in capsys.readouterr().err
-    assert main(["paper", "--render", str(tmp_path / "nothing")]) == 2
-    from minintk import data as D
-
-    monkeypatch.setattr(D, "_package_file", lambda name: data / name)
-    assert main(["paper", "--export-data", str(tmp_path / "copy")]) == 0
-    assert (tmp_path / "copy" / "kjv.jsonl").read_text() == (data / "kjv.jsonl").read_text()
