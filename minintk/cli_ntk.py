@@ -39,7 +39,7 @@ def _cmd_ntk(args: argparse.Namespace) -> int:
 
     from . import sources
     from .distributed import is_rank0, process_group, tiled_ntk
-    from .tilefolder import TileRunError, format_status, status
+    from .tilefolder import TileRunError, status
 
     if args.status:
         print(f"minintk ntk --status\n{format_status(status(args.status))}")
@@ -67,3 +67,28 @@ def _cmd_ntk(args: argparse.Namespace) -> int:
         if is_rank0():
             print(f"minintk ntk: {args.model} on {args.text or args.data}\n{format_status(status(args.out))}")
     return 0
+
+
+def format_status(st: dict) -> str:
+    """The status dict as the lines `minintk ntk --status` prints."""
+    s, cfg = st["settings"], st["model"]["config"]
+    arch = ", ".join(f"{k}={cfg[k]}" for k in ("d_model", "n_layer", "head") if k in cfg)
+    eta = st["eta_s"]
+    rows = [
+        ("folder", st["out"]),
+        ("model", f"{st['model']['class'].rsplit('.', 1)[-1]} {arch} ({st['model']['parameters']:,} parameters)"),
+        ("data", ", ".join(f"{k} {tuple(v)}" for k, v in st["data"]["shapes"].items())),
+        ("settings", f"precision {s['precision']}, tile {s['tile']}, params {s['params'] or 'all'}, {s['output']}"),
+        ("tiles", f"{st['tiles_done']} / {st['tiles_total']} done, {st['tiles_left']} left"),
+        ("recomputed tiles", str(st["recomputed"])),
+        ("est. time left", "unknown (no tile finished yet)" if eta is None else f"{eta:.0f} s on "
+         f"{st['launches'][-1]['world_size'] if st['launches'] else 1} rank(s)"),
+        ("gram", st["gram"] or "not assembled yet"),
+    ]
+    for e in st["launches"]:
+        end = f"finished {e['finished']}" if e.get("finished") else "interrupted or running"
+        tiles = f"{e['tiles_computed']} tiles ({e['recomputed']} recomputed), {e['tile_seconds']:.1f} tile-s"
+        where = f"{e['world_size']} rank(s) on {e['device']}"
+        rows.append((f"launch {e['launch']}", f"{e['started']}, {where}: {tiles}; {end}"))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

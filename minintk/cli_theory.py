@@ -96,7 +96,8 @@ def _out_dir(args: argparse.Namespace, suffix: str) -> Path:
 
 
 def _cmd_spectrum(args: argparse.Namespace) -> int:
-    from .spectrum import SpectrumError, eigenvalues, fit_power_law, implied_rate, plot_spectrum
+    from .plots import plot_spectrum
+    from .spectrum import SpectrumError, eigenvalues, fit_power_law, implied_rate
 
     K = _load_gram(args.gram)
     spec = eigenvalues(K)
@@ -152,6 +153,7 @@ def _cmd_stop(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .dynamics import gradient_descent_mse, step_sums
+    from .plots import plot_stopping
     from .spectrum import eigenvalues
     from .stopping import (
         StoppingError,
@@ -160,7 +162,6 @@ def _cmd_stop(args: argparse.Namespace) -> int:
         default_step,
         error_bound,
         estimate_sigma,
-        plot_stopping,
         stopping_time,
     )
 

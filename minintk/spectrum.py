@@ -9,7 +9,6 @@ beta into the error rate (sigma^2 / n)^{beta / (beta + 1)}; plot_spectrum draws 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -174,40 +173,3 @@ def implied_rate(beta: float, sigma: float, n: int) -> float:
     if not beta > 0 or not sigma > 0 or not n >= 1:
         raise SpectrumError(f"need beta > 0, sigma > 0, n >= 1; got beta={beta}, sigma={sigma}, n={n}")
     return float((sigma**2 / n) ** (beta / (beta + 1.0)))
-
-
-def plot_spectrum(
-    mu: Any,
-    fit: PowerLawFit | None,
-    path: str | Path,
-    *,
-    floor: float | None = None,
-    title: str | None = None,
-) -> Path:
-    """Log-log plot of mu_i against i (PNG): the eigenvalues, the floor, the fitted line and its range."""
-    from matplotlib.figure import Figure
-
-    m = _mu(mu)
-    i = np.arange(1, m.size + 1)
-    pos = m > 0
-    fig = Figure(figsize=(6.4, 4.6), layout="constrained")
-    ax = fig.subplots()
-    ax.loglog(i[pos], m[pos], ".", ms=4, color="C0", label="eigenvalues of K/n")
-    if floor is not None and floor > 0:
-        ax.axhline(floor, color="gray", ls=":", label=f"numerical floor {floor:.2g}")
-    if fit is not None:
-        ax.axvspan(fit.first, fit.last, color="C1", alpha=0.12, label=f"fit range {fit.first}..{fit.last}")
-        ii = np.geomspace(1, m.size, 200)
-        lo, hi = fit.beta_ci
-        ax.loglog(ii, fit.C * ii ** (-fit.beta), "--", color="C1", lw=1)
-        seg = np.geomspace(fit.first, fit.last, 100)
-        ax.loglog(seg, fit.C * seg ** (-fit.beta), "-", color="C1", lw=2,
-                  label=f"C i^-beta, beta = {fit.beta:.3f} [{lo:.3f}, {hi:.3f}]")
-    ax.set_xlabel("index i (descending order)")
-    ax.set_ylabel("eigenvalue mu_i of K/n")
-    ax.set_title(title or f"Spectrum of K/n, n = {m.size}")
-    ax.legend(fontsize=8)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path

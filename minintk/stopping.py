@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -68,7 +67,7 @@ class SigmaEstimate(NamedTuple):
     dof: float
 
 
-def _mu(mu: Any) -> np.ndarray:
+def as_spectrum(mu: Any) -> np.ndarray:
     """Eigenvalues of K/n as a 1-D fp64 array; negatives within rounding (dynamics.psd_tolerance) count as 0."""
     try:
         m = as_f64(mu, "mu")
@@ -85,7 +84,7 @@ def _mu(mu: Any) -> np.ndarray:
     return np.clip(m, 0.0, None)
 
 
-def _positive(x: Any, name: str) -> float:
+def positive_number(x: Any, name: str) -> float:
     try:
         v = float(x)
     except (TypeError, ValueError):
@@ -98,7 +97,7 @@ def _positive(x: Any, name: str) -> float:
 def local_rademacher(mu: Any, eps: Any) -> np.ndarray:
     """R(eps) = sqrt((1/n) sum_i min(mu_i, eps^2)) (docs/theory.md section 4). mu: (n,) eigenvalues of K/n;
     eps: any shape, >= 0 (inf allowed) -> eps.shape fp64. Non-decreasing in eps; R(eps)/eps non-increasing."""
-    m = np.sort(_mu(mu))
+    m = np.sort(as_spectrum(mu))
     e = np.asarray(eps, dtype=np.float64)  # +inf allowed: R(inf) = sqrt(mean(mu))
     if np.any(np.isnan(e)) or np.any(e < 0):
         raise StoppingError(f"eps must be >= 0 (inf allowed), got {e!r}")
@@ -120,8 +119,8 @@ def critical_radius(mu: Any, sigma: float, *, B: float = 1.0) -> float:
     holds exactly on [eps_n, inf), and eps_n is phi's unique root. Returns the upper end of the final
     bracket (relative width 1e-15), at which the inequality holds; 0.0 when K = 0.
     """
-    m = _mu(mu)
-    s = _positive(sigma, "sigma") / _positive(B, "B")
+    m = as_spectrum(mu)
+    s = positive_number(sigma, "sigma") / positive_number(B, "B")
     pos = m[m > 0]
     if pos.size == 0:
         return 0.0
@@ -160,7 +159,7 @@ def default_step(mu: Any) -> float:
     admits (alpha_t <= min(1, 1/mu_1), docs/theory.md section 4). Gradient descent on (1/2n)||f - y||^2 is
     stable for alpha < 2/mu_1, so this step always is. Raises StoppingError for a spectrum with no positive
     eigenvalue."""
-    m = _mu(mu)
+    m = as_spectrum(mu)
     if m.size == 0 or m[0] <= 0:
         raise StoppingError("K/n has no positive eigenvalue: no step size follows from it")
     return min(1.0, 1.0 / float(m[0]))
@@ -179,8 +178,8 @@ def stopping_time(mu: Any, sigma: float, alpha: Any = None, *, B: float = 1.0) -
     (alpha mu_1 >= 2: gradient descent diverges on this Gram) and when the rule stops at T_hat = 0 (the noise
     sigma/B dominates from the first step). Raises StoppingError for invalid inputs.
     """
-    m = _mu(mu)
-    s = _positive(sigma, "sigma") / _positive(B, "B")
+    m = as_spectrum(mu)
+    s = positive_number(sigma, "sigma") / positive_number(B, "B")
     a = as_f64(default_step(m) if alpha is None else alpha, "alpha")
     if a.ndim > 1 or a.size == 0 or np.any(a <= 0):
         raise StoppingError(f"alpha must be a positive scalar or 1-D schedule of positive steps, got {a!r}")
@@ -229,9 +228,9 @@ def bound_curve(mu: Any, sigma: float, eta: Any, *, B: float = 1.0, delta: Any =
     mu: (n,) eigenvalues of K/n; eta: (T+1,) running step sums (dynamics.step_sums); delta: None or (T+1,).
     b is inf at eta = 0.
     """
-    m = _mu(mu)
-    sig = _positive(sigma, "sigma")
-    b2 = _positive(B, "B") ** 2
+    m = as_spectrum(mu)
+    sig = positive_number(sigma, "sigma")
+    b2 = positive_number(B, "B") ** 2
     eta = as_f64(eta, "eta").reshape(-1)
     with np.errstate(divide="ignore"):
         bias = np.where(eta > 0, b2 / (E * np.where(eta > 0, eta, 1.0)), np.inf)
@@ -353,63 +352,7 @@ def estimate_sigma(K: Any, y: Any, lam: float | None = None) -> SigmaEstimate:
         gcv = np.where(ok, n * rss / np.maximum(n - dof, 1e-300) ** 2, np.inf)
         lam_v = float(grid[int(np.argmin(gcv))])
     else:
-        lam_v = _positive(lam, "lam")
+        lam_v = positive_number(lam, "lam")
     rss, dof = fit(np.array([lam_v]))
     sigma2 = float(rss[0]) / (cols * (n - float(dof[0])))
     return SigmaEstimate(math.sqrt(sigma2), lam_v, float(dof[0]))
-
-
-def plot_stopping(
-    mu: Any,
-    sigma: float,
-    alpha: Any,
-    path: str | Path,
-    *,
-    B: float = 1.0,
-    delta: Any = None,
-    horizon: int = 0,
-) -> Path:
-    """Two panels to PNG: R(eps) against eps^2/(2 e sigma') with eps_n marked; the bounds b, v (, Delta) and
-    their total over t with T_hat marked. horizon: last t drawn (0: 4 T_hat, or the schedule/delta length)."""
-    from matplotlib.figure import Figure
-
-    m = _mu(mu)
-    s = _positive(sigma, "sigma") / _positive(B, "B")
-    a = as_f64(default_step(m) if alpha is None else alpha, "alpha")
-    eps_n = critical_radius(m, s)
-    if delta is not None:
-        T = as_f64(delta, "delta").size - 1
-    elif a.ndim == 1:
-        T = a.size
-    else:
-        T = horizon or max(10, 4 * stopping_time(m, s, a))
-    a_used = a if a.ndim == 0 else a[:T]
-    t = np.arange(T + 1)
-    curve = bound_curve(m, sigma, step_sums(a_used, t), B=B, delta=delta)
-    t_hat = stopping_time(m, s, a_used)
-
-    fig = Figure(figsize=(11, 4.2), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
-    eps = np.geomspace(eps_n / 30, min(2 * E * s, eps_n * 30), 300)
-    ax1.loglog(eps, local_rademacher(m, eps), label="R(eps)")
-    ax1.loglog(eps, eps**2 / (2 * E * s), label="eps^2 / (2 e sigma)")
-    ax1.axvline(eps_n, color="k", ls=":", label=f"eps_n = {eps_n:.3g}")
-    ax1.set_xlabel("radius eps (units of y / B)")
-    ax1.set_ylabel("local Rademacher complexity R(eps)")
-    ax1.legend()
-    tt = t[1:]
-    ax2.loglog(tt, curve.bias[1:], label="bias bound B^2/(e eta_t)")
-    ax2.loglog(tt, np.maximum(curve.variance[1:], 1e-300), label="variance bound 4e sigma^2 eta_t R^2")
-    if delta is not None:
-        ax2.loglog(tt, np.maximum(curve.drift[1:], 1e-300), label="drift Delta(t)")
-    ax2.loglog(tt, curve.total[1:], "k", lw=2, label="total")
-    ax2.axvline(max(t_hat, 1), color="r", ls="--", label=f"T_hat = {t_hat}")
-    ax2.set_ylim(max(float(curve.total[1:].min()) / 100, 1e-300), float(curve.total[1:].max()) * 2)
-    ax2.set_xlabel("gradient-descent step t")
-    ax2.set_ylabel("bound on ||f_t - f*||_n^2 (units of y^2)")
-    ax2.legend(fontsize=8)
-    fig.suptitle(f"Stopping rule: n = {m.size}, sigma = {sigma:g}, B = {B:g}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    return path

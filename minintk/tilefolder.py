@@ -397,28 +397,3 @@ def _eta(sides: list[dict], left: list[Tile], world: int) -> float | None:
         secs = [s["seconds"] for s in sides if s["kind"] == kind]
         mean[kind] = sum(secs) / len(secs) if secs else per_unit * cost[kind]
     return sum(mean["diagonal" if t.diagonal else "cross"] for t in left) / world
-
-
-def format_status(st: dict) -> str:
-    """The status dict as the lines `minintk ntk --status` prints."""
-    s, cfg = st["settings"], st["model"]["config"]
-    arch = ", ".join(f"{k}={cfg[k]}" for k in ("d_model", "n_layer", "head") if k in cfg)
-    eta = st["eta_s"]
-    rows = [
-        ("folder", st["out"]),
-        ("model", f"{st['model']['class'].rsplit('.', 1)[-1]} {arch} ({st['model']['parameters']:,} parameters)"),
-        ("data", ", ".join(f"{k} {tuple(v)}" for k, v in st["data"]["shapes"].items())),
-        ("settings", f"precision {s['precision']}, tile {s['tile']}, params {s['params'] or 'all'}, {s['output']}"),
-        ("tiles", f"{st['tiles_done']} / {st['tiles_total']} done, {st['tiles_left']} left"),
-        ("recomputed tiles", str(st["recomputed"])),
-        ("est. time left", "unknown (no tile finished yet)" if eta is None else f"{eta:.0f} s on "
-         f"{st['launches'][-1]['world_size'] if st['launches'] else 1} rank(s)"),
-        ("gram", st["gram"] or "not assembled yet"),
-    ]
-    for e in st["launches"]:
-        end = f"finished {e['finished']}" if e.get("finished") else "interrupted or running"
-        tiles = f"{e['tiles_computed']} tiles ({e['recomputed']} recomputed), {e['tile_seconds']:.1f} tile-s"
-        where = f"{e['world_size']} rank(s) on {e['device']}"
-        rows.append((f"launch {e['launch']}", f"{e['started']}, {where}: {tiles}; {end}"))
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

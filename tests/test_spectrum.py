@@ -8,13 +8,13 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from minintk.plots import plot_spectrum
 from minintk.spectrum import (
     SpectrumError,
     default_range,
     eigenvalues,
     fit_power_law,
     implied_rate,
-    plot_spectrum,
 )
 
 
