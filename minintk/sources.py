@@ -179,11 +179,6 @@ def resolve_labels(spec: str | Sequence[int] | None, tokenizer=None) -> list[int
     if tokenizer is None:
         raise SourceError(f"--labels {spec!r} are words: they need a tokenizer (--text input, or --tokenizer); "
                           f"or give token ids, e.g. 352,2089")
-    ids = []
-    for word in parts:
-        enc = tokenizer.encode(word, add_special_tokens=False)
-        if len(enc) != 1:
-            raise SourceError(f"label word {word!r} is {len(enc)} tokens {enc} for this tokenizer; each label must be "
-                              f"one token (GPT-2-style tokenizers usually need a leading space: ' positive')")
-        ids.append(enc[0])
-    return ids
+    from .tokenization import label_ids
+
+    return list(label_ids(tokenizer, parts))

@@ -33,18 +33,20 @@ def train_tokenizer(texts, vocab_size: int = 4096, extra_words: tuple[str, ...] 
     return fast
 
 
-def label_ids(tokenizer, words: tuple[str, str]) -> tuple[int, int]:
-    """Token ids of the two label words; each must be a single token."""
+def label_ids(tokenizer, words) -> tuple[int, ...]:
+    """Token ids of label words (a sequence of strings), each a single token of the tokenizer and all distinct;
+    DataError naming the word otherwise."""
     ids = []
     for w in words:
         enc = tokenizer.encode(w, add_special_tokens=False)
         if len(enc) != 1:
-            raise DataError(f"label word {w!r} is {len(enc)} tokens {enc} for this tokenizer; label words must be one "
-                            f"token each (the fallback tokenizer adds them; for another pick words in its vocabulary)")
+            raise DataError(f"label word {w!r} is {len(enc)} tokens {enc} for this tokenizer; each label must be one "
+                            f"token (GPT-2-style tokenizers usually need a leading space: ' positive'; the fallback "
+                            f"tokenizer adds its label words)")
         ids.append(enc[0])
-    if ids[0] == ids[1]:
-        raise DataError(f"label words {words} map to the same token {ids[0]}")
-    return ids[0], ids[1]
+    if len(set(ids)) != len(ids):
+        raise DataError(f"label words {tuple(words)} map to the same token(s) {ids}")
+    return tuple(ids)
 
 
 @dataclass
