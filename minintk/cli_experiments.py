@@ -47,6 +47,9 @@ def add_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     pp.add_argument("--quick", action="store_const", const="quick", dest="preset", help="same as --preset quick")
     pp.add_argument("--model", default=None, help="GPT-Neo folder / .safetensors, or random:125M (GPT-Neo's init); "
                     "default: a small decoder pretrained here on the packaged King James Bible (cached)")
+    pp.add_argument("--tokenizer", default="model", choices=("model", "fallback"),
+                    help="model: the checkpoint's own tokenizer (an error if it has none); fallback: a BPE trained "
+                    "on the corpus (for checkpoints without one; random: models always use it)")
     pp.add_argument("--device", default="cpu", help="cpu | cuda")
     pp.add_argument("--tasks", nargs="+", default=None, help="offline: vader vader-agreed afinn vader-sign "
                     "vader-agreed-sign afinn-sign; online (datasets): stsb sts12 semrel rte mrpc cr amazon")
@@ -119,8 +122,9 @@ def _cmd_paper(args: argparse.Namespace) -> int:
     if pretrain is None and args.model is not None:
         pretrain = 0
     budget = None if args.budget_min is None else (None if args.budget_min <= 0 else args.budget_min)
-    cfg = config(preset, model=args.model, device=args.device, tasks=args.tasks and tuple(args.tasks),
-                 sizes=args.sizes and tuple(args.sizes), seeds=args.seeds and tuple(args.seeds),
+    cfg = config(preset, model=args.model, tokenizer=args.tokenizer, device=args.device,
+                 tasks=args.tasks and tuple(args.tasks), sizes=args.sizes and tuple(args.sizes),
+                 seeds=args.seeds and tuple(args.seeds),
                  tv_size=args.tv_size, pretrain_steps=pretrain, kernel_samples=args.kernel_samples,
                  kernel_draws=args.kernel_draws, tangent=False if args.no_tangent else None,
                  threads=args.threads, data_dir=args.data_dir, cache_dir=args.cache_dir)

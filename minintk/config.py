@@ -25,8 +25,9 @@ class DecoderConfig:
     depth: None is global causal attention, an int w lets token i see j with i - w < j <= i.
     parameterization "ntk" stores omega ~ N(0, 1) and multiplies by sigma_w / sqrt(fan_in) (biases by
     sigma_b) in the forward pass; "standard" stores W ~ N(0, sigma_w^2 / fan_in), b ~ N(0, sigma_b^2).
-    head: "lm" (tied to the token embedding, logits (n, T, V)), "scalar" (n,), "classes" (n, C),
-    "label_words" (logits of label_ids at the pooled position (n, k), or their difference (n,)).
+    head: "lm" (logits (n, T, V)), "scalar" (n,), "classes" (n, C), "label_words" (logits of label_ids at the
+    pooled position (n, k), or their difference (n,)). tie_lm_head: the LM head's weight is the token
+    embedding's (GPT-Neo's default), or a parameter of its own (tie_word_embeddings=False checkpoints).
     Attention scores are computed in the wider of the model's dtype and fp32: bf16 models score in fp32 as
     GPT-Neo does, fp64 models stay fp64 throughout (GPT-Neo itself narrows them to fp32).
     """
@@ -50,6 +51,7 @@ class DecoderConfig:
     n_classes: int = 2
     label_ids: tuple[int, ...] = field(default_factory=tuple)
     label_diff: bool = False
+    tie_lm_head: bool = True
 
     def __post_init__(self) -> None:
         self.attention_windows = tuple(self.attention_windows)

@@ -1,8 +1,8 @@
 """Load and save real GPT-Neo checkpoints as our Decoder, mapping every tensor by name.
 
-Sources: a Hugging Face model folder (config.json + model.safetensors | sharded safetensors |
-pytorch_model.bin), a single .safetensors file with a config.json beside it, or a hub id (downloaded when
-online). Loading never runs pickled code: safetensors first, .bin only through torch.load(weights_only=True).
+Sources (checkpoint.resolve): a Hugging Face model folder (single or sharded safetensors, single or sharded
+pytorch_model.bin), a weights file with config.json beside it, a cache snapshot, or a hub id (downloaded online,
+found in the cache offline). Loading never runs pickled code. The folder's tokenizer comes with load_tokenizer.
 """
 
 from __future__ import annotations
@@ -14,81 +14,15 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import CheckpointError, resolve
 from .config import DecoderConfig
 from .model import Decoder
+
+__all__ = ["CheckpointError", "decoder_config_from_hf", "load_gpt_neo", "load_tokenizer", "save_gpt_neo"]
 
 # Buffers that old GPT-Neo checkpoints carry; they hold no weights (the causal mask), so we skip them.
 _IGNORED_SUFFIXES = (".attn.attention.bias", ".attn.attention.masked_bias")
 _ACTIVATIONS = {"gelu_new": "gelu_new", "gelu": "gelu", "relu": "relu", "tanh": "tanh", "gelu_pytorch_tanh": "gelu_new"}
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be loaded as GPT-Neo: wrong architecture, missing/unexpected/misshapen tensors."""
-
-
-def _resolve(source: str | os.PathLike) -> tuple[Path, Path | None]:
-    """(config.json path, weights file or None for a folder) of a local source; downloads a hub id."""
-    path = Path(source)
-    if path.is_dir():
-        cfg = path / "config.json"
-        if not cfg.exists():
-            raise CheckpointError(f"{path} has no config.json; a GPT-Neo folder holds config.json and weights")
-        return cfg, None
-    if path.suffix == ".safetensors":
-        if not path.exists():
-            raise CheckpointError(f"no such file: {path}")
-        cfg = path.with_name("config.json")
-        if not cfg.exists():
-            raise CheckpointError(f"{path} has no config.json beside it; put the model's config.json in {path.parent}")
-        return cfg, path
-    if path.exists():
-        raise CheckpointError(f"{path}: expected a model folder or a .safetensors file")
-    if str(source).count("/") > 1 or str(source).startswith((".", "/")):
-        raise CheckpointError(f"no such file or folder: {source}")
-    return _download(str(source)), None
-
-
-def _download(repo_id: str) -> Path:
-    try:
-        from huggingface_hub import snapshot_download
-
-        folder = snapshot_download(
-            repo_id, allow_patterns=["config.json", "*.safetensors", "*.safetensors.index.json", "*.json", "*.txt"]
-        )
-    except Exception as e:  # offline, unknown repo, no permission: one message that says what to do
-        raise CheckpointError(
-            f"could not download {repo_id!r} from the hub ({type(e).__name__}: {e}). Offline, pass a local folder "
-            f"instead: one made by `save_pretrained` (config.json + model.safetensors), e.g. "
-            f"`hf download {repo_id} --local-dir ./{repo_id.split('/')[-1]}` on a machine online."
-        ) from e
-    return Path(folder) / "config.json"
-
-
-def _read_weights(folder: Path, file: Path | None) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if file is not None:
-        files = [file]
-    elif (folder / "model.safetensors").exists():
-        files = [folder / "model.safetensors"]
-    elif (folder / "model.safetensors.index.json").exists():
-        index = json.loads((folder / "model.safetensors.index.json").read_text())
-        files = [folder / f for f in sorted(set(index["weight_map"].values()))]
-    elif (folder / "pytorch_model.bin").exists():
-        try:
-            return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise CheckpointError(f"{folder / 'pytorch_model.bin'} is not a loadable weights-only file: {e}") from e
-    else:
-        raise CheckpointError(f"{folder} has no model.safetensors, sharded safetensors or pytorch_model.bin")
-    state = {}
-    for f in files:
-        try:
-            state.update(load_file(str(f)))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{f} is not a complete safetensors file (truncated or corrupt?): {e}") from e
-    return state
 
 
 def decoder_config_from_hf(hf: dict, attn_scale: str = "native", **overrides) -> DecoderConfig:
@@ -122,6 +56,7 @@ def decoder_config_from_hf(hf: dict, attn_scale: str = "native", **overrides) ->
         attention_windows=windows,
         qkv_bias=False,
         head="lm",
+        tie_lm_head=bool(hf.get("tie_word_embeddings", True)),
     )
     kw.update(overrides)
     return DecoderConfig(**kw)
@@ -142,6 +77,8 @@ def _weight_map(cfg: DecoderConfig, prefix: str) -> dict[str, str]:
             m[f"{ours}mlp.c_fc.{p}"] = f"{theirs}mlp.c_fc.{p}"
             m[f"{ours}mlp.c_proj.{p}"] = f"{theirs}mlp.c_proj.{p}"
     m["ln_f.weight"], m["ln_f.bias"] = f"{prefix}ln_f.weight", f"{prefix}ln_f.bias"
+    if not cfg.tie_lm_head and cfg.head in ("lm", "label_words"):
+        m["lm_head.weight"] = "lm_head.weight"
     return m
 
 
@@ -149,30 +86,49 @@ def load_gpt_neo(
     source: str | os.PathLike,
     attn_scale: str = "native",
     head: str = "lm",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     strict: bool = True,
     **head_options,
 ) -> Decoder:
     """A GPT-Neo checkpoint as our Decoder (standard parameterization).
 
-    attn_scale: "native" (GPT-Neo's, no scaling), "1/sqrt(d)" or "1/d" to study the same weights under
-    another scaling. head: "lm" (tied), "label_words" (label_ids=..., label_diff=...), or a fresh "scalar"/
-    "classes" head (randomly initialised; reported). Missing, unexpected or misshapen tensors raise
-    CheckpointError naming them (strict=False turns unexpected ones into a warning).
+    source: see checkpoint.resolve. attn_scale: "native" (GPT-Neo's, no scaling), "1/sqrt(d)" or "1/d" to
+    study the same weights under another scaling. head: "lm" (tied to the embedding, or untied as the
+    checkpoint says), "label_words" (label_ids=..., label_diff=...), or a fresh "scalar"/"classes" head
+    (randomly initialised; warned). dtype: a torch dtype, or "auto" for the dtype the checkpoint was saved in.
+    Missing, unexpected or misshapen tensors raise CheckpointError naming them (strict=False turns unexpected
+    ones into a warning).
     """
-    cfg_path, file = _resolve(source)
-    try:
-        hf = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
-    cfg = decoder_config_from_hf(hf, attn_scale=attn_scale, head=head, **head_options)
-    state = _read_weights(cfg_path.parent, file)
+    if dtype != "auto" and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise CheckpointError(f"dtype={dtype!r}; expected a floating torch dtype (torch.float32, torch.bfloat16, "
+                              f"...) or 'auto' (the dtype the checkpoint was saved in)")
+    ck = resolve(source)
+    cfg = decoder_config_from_hf(ck.read_config(), attn_scale=attn_scale, head=head, **head_options)
+    state = ck.read_state()
     prefix = "transformer." if any(k.startswith("transformer.") for k in state) else ""
     wmap = _weight_map(cfg, prefix)
-
     model = Decoder(cfg)
+    _check_names(source, state, wmap, strict)
     ours = dict(model.named_parameters())
-    missing = [theirs for name, theirs in wmap.items() if theirs not in state]
+    with torch.no_grad():
+        for name, theirs in wmap.items():
+            t = state[theirs]
+            if t.shape != ours[name].shape:
+                raise CheckpointError(
+                    f"{theirs} has shape {tuple(t.shape)}, the config implies {tuple(ours[name].shape)} for {name}"
+                )
+            ours[name].copy_(t)
+    if cfg.tie_lm_head and "lm_head.weight" in state and not torch.equal(state["lm_head.weight"],
+                                                                        state[wmap["wte.weight"]]):
+        raise CheckpointError("lm_head.weight differs from the token embedding, but config.json ties them "
+                              "(tie_word_embeddings is true or absent)")
+    if head in ("scalar", "classes"):
+        warnings.warn(f"the {head!r} head is not in the checkpoint: it is freshly initialised", stacklevel=2)
+    return model.to(_saved_dtype([state[k] for k in wmap.values()]) if dtype == "auto" else dtype)
+
+
+def _check_names(source, state: dict, wmap: dict, strict: bool) -> None:
+    missing = [theirs for theirs in wmap.values() if theirs not in state]
     used = set(wmap.values()) | {"lm_head.weight"}
     unexpected = [k for k in state if k not in used and not k.endswith(_IGNORED_SUFFIXES)]
     if missing:
@@ -184,20 +140,15 @@ def load_gpt_neo(
         msg = f"checkpoint {source} has {len(unexpected)} tensors GPT-Neo does not use: {', '.join(unexpected[:12])}"
         if strict:
             raise CheckpointError(msg + " (pass strict=False to ignore them)")
-        warnings.warn(msg, stacklevel=2)
-    with torch.no_grad():
-        for name, theirs in wmap.items():
-            t = state[theirs]
-            if t.shape != ours[name].shape:
-                raise CheckpointError(
-                    f"{theirs} has shape {tuple(t.shape)}, the config implies {tuple(ours[name].shape)} for {name}"
-                )
-            ours[name].copy_(t)
-        if "lm_head.weight" in state and not torch.equal(state["lm_head.weight"], state[wmap["wte.weight"]]):
-            raise CheckpointError("lm_head.weight differs from the token embedding; GPT-Neo ties them")
-    if head in ("scalar", "classes"):
-        warnings.warn(f"the {head!r} head is not in the checkpoint: it is freshly initialised", stacklevel=2)
-    return model.to(dtype)
+        warnings.warn(msg, stacklevel=3)
+
+
+def _saved_dtype(tensors: list[torch.Tensor]) -> torch.dtype:
+    """The dtype the model's tensors were saved in (dtype="auto"; old checkpoints' fp32 mask buffers aside)."""
+    kinds = {t.dtype for t in tensors}
+    if len(kinds) != 1:
+        raise CheckpointError(f"dtype='auto': the checkpoint mixes {sorted(map(str, kinds))}; pass a dtype")
+    return kinds.pop()
 
 
 def save_gpt_neo(model: Decoder, folder: str | os.PathLike) -> Path:
@@ -244,7 +195,7 @@ def save_gpt_neo(model: Decoder, folder: str | os.PathLike) -> Path:
         "resid_dropout": 0.0,
         "embed_dropout": 0.0,
         "attention_dropout": 0.0,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": cfg.tie_lm_head,
         "bos_token_id": None,
         "eos_token_id": None,
         "torch_dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
@@ -260,14 +211,13 @@ def save_gpt_neo(model: Decoder, folder: str | os.PathLike) -> Path:
 
 
 def load_tokenizer(source: str | os.PathLike):
-    """The tokenizer saved in a model folder (transformers.AutoTokenizer), or None when the folder has none.
+    """The tokenizer that comes with a model (transformers.AutoTokenizer), resolved as load_gpt_neo resolves the
+    weights (a folder, a file beside it, a cache snapshot, a hub id), or None when the source has none.
 
     GPT-Neo's tokenizer has no padding token; this one pads with its end-of-text token (and an attention mask,
     which minintk's models and label_words read), so `tok(texts, padding=True)` works."""
-    folder = Path(source)
-    if folder.is_file():
-        folder = folder.parent
-    if not any((folder / f).exists() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")):
+    folder = resolve(source, weights=False).tokenizer_folder()
+    if folder is None:
         return None
     from transformers import AutoTokenizer
 

@@ -150,9 +150,9 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i, mults) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model, eps=cfg.ln_eps)
         if cfg.head in ("lm", "label_words"):
-            # Tied to the token embedding: the same Parameter, used by two modules.
             self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False, **mults(cfg.d_model))
-            self.lm_head.weight = self.wte.weight
+            if cfg.tie_lm_head:  # the same Parameter, used by two modules
+                self.lm_head.weight = self.wte.weight
             self.head = None
         else:
             self.lm_head = None
@@ -168,7 +168,7 @@ class Decoder(nn.Module):
             if isinstance(m, Embedding):
                 m.weight.normal_(0.0, 1.0 if ntk else cfg.sigma_w, generator=generator)
             elif isinstance(m, Linear):
-                if m is self.lm_head:
+                if m is self.lm_head and cfg.tie_lm_head:
                     continue  # tied: initialised as the embedding
                 m.weight.normal_(0.0, 1.0 if ntk else cfg.sigma_w / math.sqrt(m.in_features), generator=generator)
                 if m.bias is not None:

@@ -18,11 +18,15 @@ class PaperError(ValueError):
 class PaperConfig:
     """Every choice of a run. model None: the small decoder (d_model, n_layer, n_head) pretrained for
     pretrain_steps on the packaged text; "random:125M" (or another GPT-Neo size): that architecture with GPT-Neo's
-    random initialisation; else a GPT-Neo folder / .safetensors. pretrain_steps applies to every model (0: none)."""
+    random initialisation; else a GPT-Neo checkpoint (folder, weight file, cache snapshot or hub id, as
+    load_gpt_neo reads it). pretrain_steps applies to every model (0: none). tokenizer "model": the checkpoint's
+    own (PaperError if it has none); "fallback": a byte-level BPE trained on the corpus and the lexicons (its ids
+    mean nothing to a trained checkpoint; the built-in and random: models always use it)."""
 
     preset: str = "default"
     tasks: tuple[str, ...] = OFFLINE_TASKS
     model: str | None = None
+    tokenizer: str = "model"
     device: str = "cpu"
     threads: int = 0  # 0: the idle cores (cores minus the 1-minute load average), at least 1
     data_dir: str | None = None
@@ -75,6 +79,8 @@ class PaperConfig:
         if self.tv_size not in self.sizes:
             raise PaperError(f"tv_size={self.tv_size} must be one of the sizes {self.sizes}: the task vectors reuse "
                              f"those fine-tuning runs")
+        if self.tokenizer not in ("model", "fallback"):
+            raise PaperError(f"tokenizer={self.tokenizer!r}; expected 'model' (the checkpoint's own) or 'fallback'")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise PaperError(f"device {self.device!r} requested but torch sees no CUDA device; use --device cpu")
 

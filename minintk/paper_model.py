@@ -106,15 +106,21 @@ def build_model(run: Run) -> tuple[Decoder, object, dict]:
         rec["source"] = f"GPT-Neo-{size} architecture, random initialisation N(0, 0.02^2) (GPT-Neo's), seed 0"
         tok = None
     else:
+        tok = None if cfg.tokenizer == "fallback" else load_tokenizer(cfg.model)
+        if tok is None and cfg.tokenizer == "model":
+            raise PaperError(f"{cfg.model} has no tokenizer (tokenizer.json / vocab.json beside the weights); put "
+                             f"the model's tokenizer there, or pass --tokenizer fallback to train one on the corpus "
+                             f"(its token ids mean nothing to a trained checkpoint)")
         model = load_gpt_neo(cfg.model).to(device)
         rec["source"] = f"GPT-Neo checkpoint {cfg.model}"
-        tok = load_tokenizer(cfg.model)
     if tok is None:
         vocab = min(cfg.vocab_size, model.cfg.vocab_size - 8)
         folder = cache_root(cfg) / f"tokenizer-{_key(vocab, len(corpus), sorted(cfg.tasks), 'v1')}"
         extra = _lexicon_prompts(cfg) if any(t in OFFLINE_TASKS for t in cfg.tasks) else []
         tok = _fallback_tokenizer(cfg, vocab, corpus, extra, folder)
-        rec["tokenizer"] = f"fallback byte-level BPE, {len(tok)} tokens, trained on the corpus and the lexicons"
+        why = "asked for" if cfg.tokenizer == "fallback" else "random weights"
+        rec["tokenizer"] = (f"fallback byte-level BPE ({why}), {len(tok)} tokens, trained on the corpus and the "
+                            f"lexicons")
     else:
         rec["tokenizer"] = f"the model folder's ({type(tok).__name__}, {len(tok)} tokens)"
     if len(tok) > model.cfg.vocab_size:

@@ -145,16 +145,19 @@ def read_texts(path: str | Path, field: str = "text") -> list[str]:
 
 
 def tokenizer_for(source: str, spec: str | None, texts: Sequence[str], words: Sequence[str], vocab: int):
-    """The tokenizer for text input: spec (a folder or tokenizer.json saved with save_pretrained), else the model
-    folder's own; spec "fallback" trains a byte-level BPE on the texts (label words as single tokens), for
-    random-weight built-ins. No tokenizer and no fallback asked for: SourceError."""
-    from .gptneo import load_tokenizer
+    """The tokenizer for text input: spec (a folder, a file in it, a cache snapshot or a hub id, as load_tokenizer
+    resolves them), else the model's own; spec "fallback" trains a byte-level BPE on the texts (label words as
+    single tokens), for random-weight built-ins. No tokenizer and no fallback asked for: SourceError."""
+    from .gptneo import CheckpointError, load_tokenizer
     from .tokenization import train_tokenizer
 
     if spec == "fallback":
         return train_tokenizer(texts, vocab_size=min(vocab, 4096), extra_words=tuple(words))
     where = spec or (None if _builtin(source) else source)
-    tok = load_tokenizer(where) if where is not None and Path(where).exists() else None
+    try:
+        tok = None if where is None else load_tokenizer(where)
+    except CheckpointError as e:
+        raise SourceError(str(e)) from None
     if tok is None:
         raise SourceError(f"{where or source} has no tokenizer (tokenizer.json / vocab.json); pass --tokenizer "
                           f"FOLDER, or --tokenizer fallback for a random-weight model")

@@ -151,6 +151,15 @@ def test_tied_head_has_cross_terms():
     assert rel(K, R) <= 1e-10 and rel(Ku, R) > 1e-3, f"tied {rel(K, R):.2e}, untied {rel(Ku, R):.2e}"
 
 
+def test_untied_head_config_is_exact():
+    m = small_decoder(head="label_words", label_ids=(4, 9), tie_lm_head=False).double()
+    assert m.lm_head.weight is not m.wte.weight
+    X = torch.randint(0, 37, (4, 8))
+    for params in (None, ["wte.*", "lm_head.*"]):
+        K, R = ntk(m, X, params=params, precision="fp64", progress=False), reference_gram(m, X, params=params)
+        assert rel(K, R) <= 1e-10, f"untied head, params={params}: error {rel(K, R):.2e}"
+
+
 def test_transformers_gpt_neo_label_word_difference(tmp_path):
     from conftest import make_gpt_neo_checkpoint
 

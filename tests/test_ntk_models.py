@@ -533,3 +533,17 @@ def test_reentrant_checkpointing_is_refused_for_any_parameter_subset(params):
     torch.manual_seed(0)
     with pytest.raises(NTKError, match="reentrant activation checkpointing"):
         ntk(Checkpointed(True, False), torch.randint(0, 11, (3, 4)), params=params, progress=False)
+
+
+def test_fallback_warning_once_per_model_at_the_callers_line():
+    torch.manual_seed(0)
+    X = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 10, 8], [9, 1, 2], [3, 4, 5]])
+    first, second = SpecialToken(), SpecialToken()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for model in (first, first, second):
+            ntk(model, X, progress=False)
+    fallback = [w for w in seen if "per-sample gradients of the whole model" in str(w.message)]
+    assert len(fallback) == 2, f"expected one warning per model, got {len(fallback)}"
+    assert all(w.filename == __file__ for w in fallback), [w.filename for w in fallback]
+    assert "transformers' Conv1D" in str(fallback[0].message), "Conv1D must not read as torch.nn.Conv1d"

@@ -49,3 +49,26 @@ def test_the_pipeline_writes_every_part_of_the_report(tmp_path):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     cached = next((tmp_path / "cache" / "paper").iterdir())
     assert {"model.safetensors", "config.json", "tokenizer.json", "pretrain.json"} <= {p.name for p in cached.iterdir()}
+
+
+def test_a_checkpoint_brings_its_tokenizer_or_the_run_stops(tmp_path):
+    from conftest import make_gpt_neo_checkpoint, make_gpt_neo_with_tokenizer
+
+    from minintk.gptneo import load_tokenizer
+    from minintk.paper_config import PaperError
+    from minintk.paper_model import build_model
+    from minintk.paper_results import Run
+
+    with_tok = make_gpt_neo_with_tokenizer(tmp_path / "with")
+    cfg = toy_config(tmp_path, model=str(with_tok), pretrain_steps=0)
+    _, tok, rec = build_model(Run(cfg, tmp_path / "a"))
+    assert tok("a wonderful film")["input_ids"] == load_tokenizer(with_tok)("a wonderful film")["input_ids"]
+    assert rec["tokenizer"].startswith("the model folder's")
+    bare, _ = make_gpt_neo_checkpoint(tmp_path / "bare", vocab=400, positions=32)
+    with pytest.raises(PaperError, match="has no tokenizer .* --tokenizer fallback"):
+        build_model(Run(toy_config(tmp_path, model=str(bare), pretrain_steps=0), tmp_path / "b"))
+    _, _, rec = build_model(Run(toy_config(tmp_path, model=str(bare), pretrain_steps=0, tokenizer="fallback"),
+                                tmp_path / "c"))
+    assert rec["tokenizer"].startswith("fallback byte-level BPE (asked for)")
+    with pytest.raises(PaperError, match="tokenizer='gpt2'; expected 'model'"):
+        toy_config(tmp_path, tokenizer="gpt2")

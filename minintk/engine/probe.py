@@ -33,15 +33,13 @@ def clear_cache() -> None:
 
 def discover(spec: Spec, X: Inputs, budget: int, *, margin: float = 1.5, progress: bool = False) -> Structure:
     """The model's Structure, probed once per (model, parameters, output, input shape, precision). Warns about
-    parameters routed to the reference path (every call); NTKError if the probe cannot fit `budget` bytes."""
+    parameters routed to the reference path when it probes (once per model and setting); NTKError if the probe
+    cannot fit `budget` bytes."""
     sig = tuple((k, v.dtype, tuple(v.shape[1:])) for k, v in (X.items() if isinstance(X, Mapping) else [("", X)]))
     key = (tuple(id(p) for _, p in spec.selected), spec.output, sig, spec.precision)
     per_model = _CACHE.setdefault(spec.model, {})
     if key in per_model:
-        st = per_model[key]
-        if st.fallback:
-            warn_fallback(st.reasons)
-        return st
+        return per_model[key]
     start = time.perf_counter()
     probe_fits(spec, X, budget, margin)
     st = per_model[key] = probe(spec, X)
