@@ -10,8 +10,10 @@ from ._common import mirror_upper
 from .embedding import embedding_gram, embedding_gram_blocked, embedding_gram_reference, embedding_linear_cross
 from .ghost import ghost_gram, ghost_gram_blocked, ghost_gram_per_output, ghost_gram_reference
 from .materialized import materialized_gram, materialized_gram_reference
+from .syrk import SYRK_BLOCK, gram_upper, gram_upper_reference
 
 __all__ = [
+    "SYRK_BLOCK",
     "embedding_gram",
     "embedding_gram_blocked",
     "embedding_gram_reference",
@@ -20,6 +22,8 @@ __all__ = [
     "ghost_gram_blocked",
     "ghost_gram_per_output",
     "ghost_gram_reference",
+    "gram_upper",
+    "gram_upper_reference",
     "materialized_gram",
     "materialized_gram_reference",
     "mirror_upper",

@@ -6,14 +6,15 @@ The weight's rows (output features b) are cut into slices sized to a memory budg
 per-sample gradients of all samples (m, b_slice, a) are formed with one batched matmul and their Gram
 is added with one matmul. Both are cuBLAS GEMMs with fp32 accumulation (bf16 operands on tensor cores in
 bf16 mode); every per-sample gradient entry is formed exactly once, and never all at once.
-Cost: 2 (m1 T1 + m2 T2) a b + 2 m1 m2 a b flops.
+Cost: 2 (m1 T1 + m2 T2) a b + 2 m1 m2 a b flops; one sample set (same=True): 2 m T a b + about m^2 a b.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._common import bmm_fp32, check_linear_pair, common_float_dtype, mm_fp32
+from ._common import bmm_fp32, check_linear_pair, common_float_dtype, mirror_upper, mm_fp32
+from .syrk import SYRK_BLOCK, gram_upper
 
 __all__ = ["gram_split_k", "materialized_gram", "materialized_gram_reference", "slice_rows", "split_k_pieces"]
 
@@ -86,14 +87,17 @@ def materialized_gram(
     same: bool = False,
     budget: int = DEFAULT_BUDGET,
     symmetrize: bool = True,
+    syrk_block: int = SYRK_BLOCK,
 ) -> torch.Tensor:
     """Gram <G1_i, G2_j>_F of per-sample gradients G = D^T X of a linear layer, formed slice by slice.
 
     X (m, T, a) layer inputs, D (m, T, b) output-gradients. Returns float32 (m1, m2) (float64 for float64
     inputs). bf16/fp16 inputs: per-sample gradients are rounded to that dtype and contracted on tensor
     cores with fp32 accumulation; float32 inputs stay float32 throughout (TF32 follows torch's setting).
-    same=True (or X2, D2 omitted): one sample set, each slice formed once, the result exactly symmetric
-    (symmetrize=False leaves G G^T's last-bit asymmetry to a caller that symmetrizes a larger sum once).
+    same=True (or X2, D2 omitted): one sample set, each slice formed once and its Gram computed on and above
+    the diagonal blocks of syrk_block samples only (syrk.gram_upper: (R + 1) / (2 R) of the flops for R
+    blocks), the result mirrored exactly symmetric; symmetrize=False returns it unmirrored, valid on and
+    above the diagonal (kernels.mirror_upper), for a caller that mirrors a larger sum once.
     budget: elements of per-sample gradient slices held at once.
     """
     if (X2 is None) != (D2 is None):
@@ -118,10 +122,14 @@ def materialized_gram(
         b1 = min(b, b0 + step)
         G1 = _slice_grads(X1, D1, b0, b1, dtype)
         G2 = G1 if same else _slice_grads(X2, D2, b0, b1, dtype)
-        pieces = split_k_pieces(m1, m2, G1.shape[1], G1.dtype, G1.is_cuda, torch.backends.cuda.matmul.allow_tf32)
-        part = gram_split_k(G1, G2, pieces).to(out_dtype)
+        if same and m1 > syrk_block:
+            part = gram_upper(G1, syrk_block).to(out_dtype)
+        else:
+            pieces = split_k_pieces(m1, m2, G1.shape[1], G1.dtype, G1.is_cuda,
+                                    torch.backends.cuda.matmul.allow_tf32)
+            part = gram_split_k(G1, G2, pieces).to(out_dtype)
         out = part if out is None else out.add_(part)
     assert out is not None
     if same and symmetrize:
-        out = 0.5 * (out + out.T)
+        out = mirror_upper(out)
     return out

@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from minintk.kernels import materialized_gram, materialized_gram_reference
+from minintk.kernels import materialized_gram, materialized_gram_reference, mirror_upper
 from minintk.kernels.materialized import SPLIT_K, gram_split_k, slice_rows, split_k_pieces
 
 # (dtype, atol relative to max |K|, rtol). bf16/fp16: per-sample gradients are rounded to that dtype before
@@ -62,10 +62,12 @@ def test_fp64_ragged_shapes_and_symmetry(m1, m2, T1, T2, a, b, seed):
     X1, D1 = factors(m1, T1, a, b, torch.float64, seed)
     X2, D2 = factors(m2, T2, a, b, torch.float64, seed + 1)
     torch.testing.assert_close(materialized_gram(X1, D1, X2, D2, budget=1), formed_gram(X1, D1, X2, D2))
-    sym = materialized_gram(X1, D1, budget=a)
-    torch.testing.assert_close(sym, formed_gram(X1, D1, X1, D1))
-    assert torch.equal(sym, sym.T)
-    torch.testing.assert_close(materialized_gram(X1, D1, budget=a, symmetrize=False), sym)
+    for block in (1, 2, 64):  # the symmetric Gram in bands of `block` samples, ragged or in one GEMM
+        sym = materialized_gram(X1, D1, budget=a, syrk_block=block)
+        torch.testing.assert_close(sym, formed_gram(X1, D1, X1, D1))
+        assert torch.equal(sym, sym.T)
+        upper = materialized_gram(X1, D1, budget=a, symmetrize=False, syrk_block=block)
+        torch.testing.assert_close(mirror_upper(upper), sym)
 
 
 @pytest.mark.parametrize("b, rows", [(300, 100), (300, 150), (50, 20), (200, 7), (40, 100)])

@@ -547,3 +547,28 @@ def test_fallback_warning_once_per_model_at_the_callers_line():
     assert len(fallback) == 2, f"expected one warning per model, got {len(fallback)}"
     assert all(w.filename == __file__ for w in fallback), [w.filename for w in fallback]
     assert "transformers' Conv1D" in str(fallback[0].message), "Conv1D must not read as torch.nn.Conv1d"
+
+
+class TokenMLP(nn.Module):
+    """Linear layers over tokens, mean-pooled: the materialized form's shapes with a few parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x))).mean(1)[:, 0]
+
+
+@pytest.mark.parametrize("precision", ["fp64", "fp32"])
+def test_many_samples_take_the_symmetric_gram_in_bands(precision):
+    """n above SYRK_BLOCK: the diagonal tile's Gram is computed in bands on and above its diagonal, then mirrored."""
+    from minintk.kernels import SYRK_BLOCK
+
+    torch.manual_seed(0)
+    n = 2 * SYRK_BLOCK + 37  # two bands and a ragged stripe
+    model, X = TokenMLP(), torch.randn(n, 2, 3)
+    K = ntk(model, X, precision=precision, strategy="materialized", progress=False, block_size=n)
+    R = per_sample_gram(model, X)
+    assert torch.equal(K, K.transpose(0, 1))
+    assert rel(K, R) <= TOL[precision], f"error {rel(K, R):.2e}"

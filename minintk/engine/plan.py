@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..kernels import SYRK_BLOCK
 from .errors import NTKError
 from .layers import Use, capture_bytes
 from .structure import Structure, run_graph, runs
@@ -243,7 +244,10 @@ def _as_plan(st: Structure, sz: Sizes, cost: CostModel, c: Candidate) -> Plan:
         chunk = max(1, min(max(sz.n, sz.n2), int((cost.fill * sz.budget - (0 if c.host else c.cache)) // graph)))
     T = max((u.T for u in st.uses), default=1)
     gram_pairs = st.C * (st.C if sz.outputs == "full" else 1)  # output pairs per sample pair
-    flops = 6.0 * st.n_params * max(sz.n, sz.n2) * T * c.passes + 2.0 * sz.n * sz.n2 * st.n_params * gram_pairs
+    # a symmetric Gram computes the tiles above the diagonal and, in each diagonal tile, bands of SYRK_BLOCK
+    # samples on and above its diagonal: about n (n + min(block, SYRK_BLOCK)) products instead of 2 n^2
+    pairs = sz.n * (sz.n + min(c.block, SYRK_BLOCK)) if sz.symmetric else 2.0 * sz.n * sz.n2
+    flops = 6.0 * st.n_params * max(sz.n, sz.n2) * T * c.passes + pairs * st.n_params * gram_pairs
     return Plan(
         sz.n, sz.n2, st.C, c.block, c.groups, tuple(n for n, _ in st.fallback), int(c.held), int(chunk * graph),
         chunk, flops, sz.budget, mode=c.mode, boundaries=c.boundaries, bytes_boundary_cache=int(c.cache),
