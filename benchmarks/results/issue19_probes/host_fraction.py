@@ -1,0 +1,22 @@
+import time, torch, resource
+from minintk import Decoder
+from minintk.config import gpt_neo_config
+from minintk.engine import CostModel, Stats, ntk, plan
+torch.manual_seed(0)
+cfg = gpt_neo_config("1.3B", head="label_words", label_ids=(352, 2089), label_diff=True)
+with torch.device("cuda"):
+    m = Decoder(cfg).eval()
+X = torch.randint(0, cfg.vocab_size, (4096, 128), device="cuda")
+for f in (0.5, 0.65, 0.8):
+    p = plan(m, X, precision="bf16", cost=CostModel(host_fraction=f))
+    print(f"host_fraction {f}: mode {p.mode}, host {p.host_cache}, starts {len(p.starts)}, cache {p.bytes_boundary_cache/2**30:.1f} GiB, passes {p.passes:.2f}, groups {len(p.groups)}, block {p.block}", flush=True)
+with open("/proc/meminfo") as fh:
+    print([l.strip() for l in fh if l.startswith(("MemTotal", "MemAvailable"))])
+ntk(m, X[:2], precision="bf16", progress=False)
+for f in (0.8,):
+    s = Stats()
+    torch.cuda.synchronize(); t = time.perf_counter()
+    K = ntk(m, X, precision="bf16", progress=False, stats=s, cost=CostModel(host_fraction=f))
+    torch.cuda.synchronize()
+    print(f"host_fraction {f}: {time.perf_counter()-t:.1f} s, phases { {k: round(v, 1) for k, v in s.seconds.items()} }, plan: {s.plan}", flush=True)
+print("max RSS GiB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
