@@ -51,6 +51,15 @@ print(sec, peak, tuple(K.shape))
 MODES = ("full", "trace", "diagonal", "func-trace")
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux), else what platform knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ns", default="100,200")
@@ -70,7 +79,7 @@ def main() -> None:
                 rows.append({"n": n, "C": args.C, "mode": mode, "seconds": float(sec),
                              "peak_gib": float(peak) / 2**30, "shape": shape.strip()})
             print(json.dumps(rows[-1]), flush=True)
-    meta = {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__}
+    meta = {"cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__}
     lines = [f"# Several outputs on a CPU ({meta['cpu']}, {args.threads} threads, torch {meta['torch']})", "",
              "MLP 100 -> 256 -> C, fp32, one process per case; seconds of one call after a warm-up on 4 samples; "
              "peak: growth of the process's maximum RSS during that call. `func-trace`: torch.func Jacobians "

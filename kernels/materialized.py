@@ -102,6 +102,8 @@ def materialized_gram(
     """
     if (X2 is None) != (D2 is None):
         raise ValueError("give both X2 and D2, or neither")
+    if same and X2 is not None and (X2 is not X1 or D2 is not D1):
+        raise ValueError("same=True is the Gram of (X1, D1) with itself: omit X2 and D2, or pass same=False")
     if X2 is None or (X2 is X1 and D2 is D1):
         same = True
     if same:

@@ -119,3 +119,9 @@ def test_bad_inputs_are_named():
         materialized_gram(X[0], D[0])
     with pytest.raises(ValueError, match="both X2 and D2"):
         materialized_gram(X, D, X)
+
+
+def test_same_with_another_sample_set_is_refused():
+    X, D = torch.randn(2, 3, 4), torch.randn(2, 3, 5)
+    with pytest.raises(ValueError, match="same=True is the Gram of \\(X1, D1\\) with itself"):
+        materialized_gram(X, D, X.clone(), D, same=True)
