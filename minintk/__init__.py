@@ -24,6 +24,7 @@ _LAZY = {
                      "holdout_stop", "StoppingError"], "stopping"),
     **dict.fromkeys(["linearize", "LinearizeError"], "linearize"),
     **dict.fromkeys(["task_vector", "cosine_matrix", "disentanglement_error"], "task_vectors"),
+    **dict.fromkeys(["eigen_target", "lazy_teacher", "PlantedError"], "planted"),
 }
 
 __all__ = ["ConfigError", "Decoder", "DecoderConfig", "ModelInputError", "gpt_neo_config", *_LAZY]
