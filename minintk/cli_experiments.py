@@ -138,6 +138,8 @@ def _cmd_paper(args: argparse.Namespace) -> int:
     rho = h["spearman_beta_vs_aulc"]
     print("  Spearman(beta, AULC), full fine-tuning (theory: negative): "
           + ", ".join(f"{g} {r:+.2f}" for g, r in rho.items() if r is not None))
+    if "planted_claims_held" in h:
+        print(f"  planted tasks: {h['planted_claims_held']} claims of the theory held (report: Planted tasks)")
     for k in ("full", "tangent"):
         if f"{k}_addition_all" in h:
             a = h[f"{k}_addition_all"]

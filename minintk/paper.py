@@ -2,6 +2,8 @@
 
 1. kernels     the empirical NTK Gram (minintk.engine) of the task model on 100 training inputs per task (several
                draws), its eigen-decay beta (spectrum.fit_power_law): the paper's section 7.1 and appendix A.3.
+   planted     targets planted in the task model's own eNTK RKHS (planted_check): the stopping rule against the
+               oracle, the error's rate against n^(-beta/(beta+1)), the network against its linearization.
 2. curves      fine-tuning with hold-out early stopping (finetune) at training sizes n and seeds: test error
                against n (Figure 2; F1 in Figure 10), for full fine-tuning and a linear probe.
 3. efficiency  sample efficiency per task: AULC, the mean over the sizes of nerr (test error relative to the
@@ -32,6 +34,7 @@ import torch
 from .paper_config import PaperConfig, PaperError
 from .paper_model import build_model
 from .paper_phases import phase_curves, phase_efficiency, phase_kernels, setup_tasks
+from .paper_planted import phase_planted
 from .paper_results import Run
 from .paper_vectors import phase_vectors
 
@@ -79,6 +82,12 @@ def run(cfg: PaperConfig, out: str | os.PathLike, render: bool = True) -> dict:
     t = time.perf_counter()
     phase_kernels(r, tasks, tok)
     r.phase("kernels", t)
+
+    if cfg.planted:
+        print("planted tasks: the stopping rule and the rates where the answer is known")
+        t = time.perf_counter()
+        phase_planted(r, tasks)
+        r.phase("planted", t)
 
     print("learning curves with hold-out early stopping")
     t = time.perf_counter()

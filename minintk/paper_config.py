@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from .data import HUB_TASKS, OFFLINE_TASKS
+from .planted_check import CheckConfig
 
 
 class PaperError(ValueError):
@@ -64,6 +65,9 @@ class PaperConfig:
     xi_alphas: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5)
     xi_samples: int = 200
     budget_min: float | None = 28.0
+    # planted tasks (planted_check.CheckConfig settings; planted False skips the phase)
+    planted: bool = True
+    planted_check: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.tasks, self.sizes, self.seeds = tuple(self.tasks), tuple(sorted(self.sizes)), tuple(self.seeds)
@@ -81,6 +85,10 @@ class PaperConfig:
                              f"those fine-tuning runs")
         if self.tokenizer not in ("model", "fallback"):
             raise PaperError(f"tokenizer={self.tokenizer!r}; expected 'model' (the checkpoint's own) or 'fallback'")
+        try:
+            CheckConfig(**self.planted_check)
+        except (TypeError, ValueError) as e:
+            raise PaperError(f"planted_check {self.planted_check}: {e}") from None
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise PaperError(f"device {self.device!r} requested but torch sees no CUDA device; use --device cpu")
 
@@ -89,13 +97,15 @@ PRESETS = {
     # about 2-3 minutes on 2 CPU cores (plus the install): 4 tasks, a tiny decoder, one seed
     "quick": dict(tasks=("vader", "afinn", "vader-sign", "afinn-sign"), d_model=64, n_layer=2, n_head=4,
                   vocab_size=2048, pretrain_steps=300, kernel_draws=1, sizes=(50, 200, 800), seeds=(0,),
-                  tv_size=800, tangent=False, xi_alphas=(0.0, 1.0), budget_min=6.0),
+                  tv_size=800, tangent=False, xi_alphas=(0.0, 1.0), budget_min=6.0,
+                  planted_check=dict(sizes=(25, 50, 100), n_test=100, sample=100, k=8, seeds=2, net_sizes=(25,),
+                                     net_steps=500)),
     # the committed CPU report: under 30 minutes on 2 cores
-    "default": dict(),
+    "default": dict(planted_check=dict(k=10, net_sizes=(200,), net_steps=3000)),
     # one GPU, a GPT-Neo-125M-sized model: about 8 minutes, budget-guarded
     "gpu": dict(lr={"full": 5e-5, "tangent": 5e-5, "probe": 1e-3}, vocab_size=8192,
                 pretrain_seq=128, pretrain_batch=32, pretrain_lr=6e-4, pretrain_max_min=1.5, budget_min=7.0,
-                max_steps=1200),
+                max_steps=1200, planted_check=dict(k=10, net_sizes=(200,), net_steps=3000)),
 }
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from . import planted_report
+
 DPI = 90
 
 
@@ -227,6 +229,7 @@ FIGURES = {
     "task_vectors.png": (fig_vectors, "vectors"),
     "disentanglement.png": (fig_xi, "vectors"),
     "training_curves.png": (fig_training, "curves"),
+    "planted.png": (lambda r, p: planted_report.plot(planted_report.summarize(r["planted"]), p), "planted"),
 }
 
 
@@ -244,6 +247,9 @@ def headline(res: dict) -> dict:
     h: dict = {"beta": {t: k.get("beta_mean") for t, k in res.get("kernels", {}).items()}}
     corr = res.get("efficiency", {}).get("correlation", {}).get("full", {})
     h["spearman_beta_vs_aulc"] = {g: (c.get("beta_vs_aulc") or {}).get("rho") for g, c in corr.items()}
+    if res.get("planted"):
+        verdicts = planted_report.summarize(res["planted"])["verdicts"]
+        h["planted_claims_held"] = f"{sum(ok is True for _, ok, _ in verdicts)} of {len(verdicts)}"
     vec = res.get("vectors", {})
     for k, v in vec.items():
         h[f"{k}_addition_all"] = {"lambda": v["addition_all"]["lambda"],
@@ -297,6 +303,11 @@ def markdown(res: dict, figures: list[str]) -> str:
                        "..".join(str(x) for x in (k["draws"][0].get("range") or [])),
                        _fmt(k["draws"][0].get("r2"), 4), k["draws"][0].get("seconds")] for t, k in kern.items()]),
               "", "![decay](decay.png)" if "decay.png" in figures else "", ""]
+    if res.get("planted"):
+        pl = res["planted"]
+        L += [planted_report.markdown(planted_report.summarize(pl), pl["config"]),
+              f"Task model and inputs: {pl['task']} (training pool), {pl['seconds']} s.", "",
+              "![planted](planted.png)" if "planted.png" in figures else "", ""]
 
     eff = res.get("efficiency", {})
     if res.get("curves"):

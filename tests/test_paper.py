@@ -18,14 +18,16 @@ def toy_config(tmp_path, **kw):
                 kernel_samples=12, kernel_draws=2, n_val=10, n_test=20, max_len=16, sizes=(10, 30), seeds=(0, 1),
                 lr={"full": 1e-2, "tangent": 1e-2, "probe": 1e-1}, batch_size=8, max_steps=10, eval_every=5,
                 patience=2, tv_size=30, tangent=True, xi_alphas=(0.0, 1.0), xi_samples=10,
-                budget_min=None, threads=1)
+                budget_min=None, threads=1,
+                planted_check=dict(sizes=(6, 12), n_test=8, sample=10, k=4, seeds=2, net_steps=30, grid=40))
     return config("default", **(base | kw))
 
 
 def test_the_pipeline_writes_every_part_of_the_report(tmp_path):
     out = tmp_path / "report"
     res = run(toy_config(tmp_path), out)
-    assert res["finished"] and set(res["phases"]) == {"setup", "kernels", "curves", "vectors"}
+    assert res["finished"] and set(res["phases"]) == {"setup", "kernels", "planted", "curves", "vectors"}
+    assert len(res["planted"]["rows"]) == 3 * 2 * 2 and res["planted"]["task"] == "vader"
     assert set(res["kernels"]) == {"vader", "afinn-sign", "vader-sign"}
     assert all(len(k["draws"]) == 2 for k in res["kernels"].values())
     assert len(res["curves"]) == 3 * 2 * 2 * 2  # tasks x sizes x seeds x methods
@@ -42,10 +44,11 @@ def test_the_pipeline_writes_every_part_of_the_report(tmp_path):
     saved = json.loads((out / "results.json").read_text())
     assert saved["finished"] and saved["model"]["pretrain"]["tokens_seen"] == 4 * 4 * 16
     text = (out / "report.md").read_text()
-    for section in ("## 1. Eigen-decay", "## 2. Learning curves", "## 3. Does beta predict", "## 4. Task vectors"):
+    for section in ("## 1. Eigen-decay", "## Planted tasks", "## 2. Learning curves", "## 3. Does beta predict",
+                    "## 4. Task vectors"):
         assert section in text, section
     for png in ("decay.png", "learning_curves.png", "decay_vs_efficiency.png", "task_vectors.png",
-                "disentanglement.png", "training_curves.png"):
+                "disentanglement.png", "training_curves.png", "planted.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
     cached = next((tmp_path / "cache" / "paper").iterdir())
     assert {"model.safetensors", "config.json", "tokenizer.json", "pretrain.json"} <= {p.name for p in cached.iterdir()}
