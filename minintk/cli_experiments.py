@@ -62,6 +62,8 @@ def add_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     pp.add_argument("--kernel-samples", type=int, default=None, help="inputs per task in the NTK Gram (paper: 100)")
     pp.add_argument("--kernel-draws", type=int, default=None, help="independent draws of those inputs")
     pp.add_argument("--no-tangent", action="store_true", help="skip linearized fine-tuning in the task vectors")
+    pp.add_argument("--no-planted", action="store_true", help="skip the planted tasks (the theory's predictions "
+                    "on targets planted in the task model's eNTK RKHS)")
     pp.add_argument("--budget-min", type=float, default=None, help="minutes: skip remaining learning-curve runs "
                     "when past 3/4 of it (0: no budget)")
     pp.add_argument("--threads", type=int, default=None, help="CPU threads (default: the idle cores)")
@@ -127,6 +129,7 @@ def _cmd_paper(args: argparse.Namespace) -> int:
                  seeds=args.seeds and tuple(args.seeds),
                  tv_size=args.tv_size, pretrain_steps=pretrain, kernel_samples=args.kernel_samples,
                  kernel_draws=args.kernel_draws, tangent=False if args.no_tangent else None,
+                 planted=False if args.no_planted else None,
                  threads=args.threads, data_dir=args.data_dir, cache_dir=args.cache_dir)
     if args.budget_min is not None:
         cfg.budget_min = budget
