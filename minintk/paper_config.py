@@ -101,7 +101,7 @@ PRESETS = {
                   planted_check=dict(sizes=(25, 50, 100), n_test=100, sample=100, k=8, seeds=2, net_sizes=(25,),
                                      net_steps=500)),
     # the committed CPU report: under 30 minutes on 2 cores
-    "default": dict(planted_check=dict(k=10, net_sizes=(200,), net_steps=3000)),
+    "default": dict(planted_check=dict(k=10, net_sizes=(100,), net_steps=2000)),
     # one GPU, a GPT-Neo-125M-sized model: about 8 minutes, budget-guarded
     "gpu": dict(lr={"full": 5e-5, "tangent": 5e-5, "probe": 1e-3}, vocab_size=8192,
                 pretrain_seq=128, pretrain_batch=32, pretrain_lr=6e-4, pretrain_max_min=1.5, budget_min=7.0,

@@ -51,6 +51,26 @@ def _curve_stats(res: dict, task: str, method: str, key: str) -> tuple[list, lis
     return ns, [float(np.mean(by_n[n])) for n in ns], [float(np.std(by_n[n])) for n in ns]
 
 
+def _learning_note(res: dict) -> str | None:
+    """Why the fine-tuned models stay at the trivial predictor, when they do (median nerr >= 0.9 at the largest
+    size over the offline lexicon tasks), with the numbers that show it."""
+    at = {}
+    for m in ("full", "probe"):
+        runs = [r for r in res.get("curves", []) if r["method"] == m and r["test"] is not None]
+        if runs:
+            top = max(r["n"] for r in runs)
+            at[m] = (top, float(np.median([r["test"]["nerr"] for r in runs if r["n"] == top])))
+    if "full" not in at or at["full"][1] < 0.9 or res["config"].get("model") is not None:
+        return None
+    probe = f" and the linear probe on the frozen features reaches {at['probe'][1]:.2f}" if "probe" in at else ""
+    return (f"**Why these models stay at the trivial predictor** (median nerr {at['full'][1]:.2f} at n = "
+            f"{at['full'][0]}{probe}): every example of a lexicon task is one distinct entry (a word or a short "
+            "phrase), so no test entry is seen in training, and its valence can only come from what pretraining "
+            "put into its representation. A decoder of this size pretrained on the King James Bible puts little "
+            "there. It would take a model pretrained on broad text (`--model` with a GPT-Neo checkpoint) or tasks "
+            "whose test inputs reuse words seen in training. The planted tasks above need no such knowledge.\n")
+
+
 # ---------------------------------------------------------------------------------------------------------- figures
 
 
@@ -325,8 +345,8 @@ def markdown(res: dict, figures: list[str]) -> str:
             ran = sorted({r["seed"] for r in res["curves"] if r["method"] == method})
             L += [f"**{method}** fine-tuning (mean ± sd over seeds {ran}; no ± where one seed ran):", "",
                   _table(["task", "metric"] + [f"n={n}" for n in sizes], rows), ""]
-        L += ["![learning curves](learning_curves.png)" if "learning_curves.png" in figures else "",
-              "", "![f1](f1_curves.png)" if "f1_curves.png" in figures else "", ""]
+        L += [_learning_note(res), "![learning curves](learning_curves.png)" if "learning_curves.png" in figures
+              else "", "", "![f1](f1_curves.png)" if "f1_curves.png" in figures else "", ""]
     if eff:
         L += ["## 3. Does beta predict sample efficiency? (section 6.1)", "",
               "AULC = mean over training sizes of test nerr; slope = least-squares slope of log nerr on log n; "

@@ -47,6 +47,7 @@ def test_the_pipeline_writes_every_part_of_the_report(tmp_path):
     for section in ("## 1. Eigen-decay", "## Planted tasks", "## 2. Learning curves", "## 3. Does beta predict",
                     "## 4. Task vectors"):
         assert section in text, section
+    assert "Why these models stay at the trivial predictor" in text  # the toy models do not learn (nerr ~1)
     for png in ("decay.png", "learning_curves.png", "decay_vs_efficiency.png", "task_vectors.png",
                 "disentanglement.png", "training_curves.png", "planted.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
