@@ -58,3 +58,36 @@ def jsonable(x):
     if isinstance(x, np.ndarray):
         return jsonable(x.tolist())
     return x
+
+
+# the reading of results.json shared by the report and its figures
+
+
+def fmt(x, nd: int = 3) -> str:
+    """A number for a table: nd decimals, integers as they are, an em dash for None and non-finite."""
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "—"
+    if isinstance(x, (int, np.integer)):
+        return str(x)
+    return f"{x:.{nd}f}"
+
+
+def floats(vals) -> np.ndarray:
+    """JSON numbers (None for NaN) as a float array."""
+    return np.array([np.nan if v is None else v for v in vals], dtype=float)
+
+
+def metric(kind: str) -> tuple[str, str]:
+    """(key in a run's test metrics, axis label) of a task kind."""
+    return ("mse", "test MSE (label units)") if kind == "regression" else ("accuracy", "test accuracy")
+
+
+def curve_stats(res: dict, task: str, method: str, key: str) -> tuple[list, list, list]:
+    """(sizes, mean, sd over seeds) of one task's learning curve for a method and metric key."""
+    by_n: dict = {}
+    for r in res.get("curves", []):
+        if r["task"] == task and r["method"] == method and r["test"] is not None:
+            by_n.setdefault(r["n"], []).append(r["test"][key])
+    ns = sorted(by_n)
+    return ns, [float(np.mean(by_n[n])) for n in ns], [float(np.std(by_n[n])) for n in ns]
+

@@ -120,11 +120,12 @@ def _task(K: np.ndarray, sample: np.ndarray, cfg: CheckConfig, s: float, seed: i
 def _one(K: np.ndarray, task, train: np.ndarray, test: np.ndarray, cfg: CheckConfig, n: int) -> dict:
     """Predictions and the linearized model's measured errors for one training set."""
     from .dynamics import gradient_descent_mse
-    from .spectrum import eigenvalues, fit_power_law
+    from .spectrum import SpectrumError, eigenvalues, fit_power_law
     from .stopping import critical_radius, default_step, error_bound, stopping_time
 
     Ktr, Kte = K[np.ix_(train, train)], K[np.ix_(test, train)]
-    mu = eigenvalues(Ktr).mu
+    spec = eigenvalues(Ktr)
+    mu = spec.mu
     alpha = default_step(mu)
     B, sigma = task.rkhs_norm, task.sigma
     with warnings.catch_warnings(record=True) as caught:  # kept in the row, not printed once per run
@@ -138,7 +139,10 @@ def _one(K: np.ndarray, task, train: np.ndarray, test: np.ndarray, cfg: CheckCon
     err_in = np.mean((u - task.f_star[train]) ** 2, axis=1)
     err_te = np.mean((f - task.f_star[test]) ** 2, axis=1)
     at = int(np.searchsorted(times, t_hat))
-    fit = fit_power_law(mu, drop_top=1) if n >= 8 else None
+    try:  # the decay above the numerical floor, top eigenvalue dropped
+        fit = fit_power_law(mu, floor=spec.floor, drop_top=1)
+    except SpectrumError:  # too few eigenvalues above the floor to fit
+        fit = None
     return dict(
         sigma=sigma, B=B, alpha=alpha, mu1=float(mu[0]), t_hat=int(t_hat),
         eps2=critical_radius(mu, sigma, B=B) ** 2, bound=error_bound(mu, sigma, B=B),
