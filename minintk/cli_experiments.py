@@ -12,6 +12,11 @@ from .cli_reports import report_dir
 
 def add_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     """`minintk width-scan` and `minintk paper`; add(name, help=...) makes a subcommand's parser."""
+    _add_width_scan(add)
+    _add_paper(add)
+
+
+def _add_width_scan(add: Callable[..., argparse.ArgumentParser]) -> None:
     ws = add("width-scan", help="NTK theory vs width: kernel spread and drift, weight movement, "
              "linearization error, fitted log-log slopes (JSON + PNG + markdown, resumable)")
     ws.add_argument("--preset", default="cpu", help="cpu (widths 32..512, a few minutes) | gpu (CUDA, widths "
@@ -40,13 +45,17 @@ def add_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     ws.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: on a shared machine, "
                     "threads waiting on each other cost ~10x on these small matrices; raise it on a free multicore)")
     ws.set_defaults(func=_cmd_width_scan)
+
+
+def _add_paper(add: Callable[..., argparse.ArgumentParser]) -> None:
     pp = add("paper", help="the paper's section 7 end to end: NTK eigen-decay per task, learning curves "
              "with early stopping, beta vs sample efficiency, task vectors (markdown + JSON + PNG)")
     pp.add_argument("--preset", default=None, help="quick (CPU, ~3 min) | default (CPU, < 30 min) | gpu "
                     "(default: gpu with --device cuda, else default)")
     pp.add_argument("--quick", action="store_const", const="quick", dest="preset", help="same as --preset quick")
-    pp.add_argument("--model", default=None, help="GPT-Neo folder / .safetensors, or random:125M (GPT-Neo's init); "
-                    "default: a small decoder pretrained here on the packaged King James Bible (cached)")
+    pp.add_argument("--model", default=None, help="GPT-Neo checkpoint (folder, weight file, cache snapshot or hub "
+                    "id), or random:125M (GPT-Neo's init); default: a small decoder pretrained here on the packaged "
+                    "King James Bible (cached)")
     pp.add_argument("--tokenizer", default="model", choices=("model", "fallback"),
                     help="model: the checkpoint's own tokenizer (an error if it has none); fallback: a BPE trained "
                     "on the corpus (for checkpoints without one; random: models always use it)")
