@@ -68,6 +68,22 @@ def _lm_pretrain(run: Run, model: Decoder, tok, corpus: str, steps: int) -> dict
     return rec
 
 
+def _given_model(cfg: PaperConfig, device: torch.device) -> tuple[Decoder, object, str]:
+    """(model, its tokenizer or None for the fallback, where it came from) for cfg.model "random:<size>" or a
+    GPT-Neo checkpoint; PaperError for a checkpoint without tokenizer unless cfg.tokenizer is "fallback"."""
+    if cfg.model.startswith("random:"):
+        size = cfg.model.split(":", 1)[1].removeprefix("gpt-neo-")
+        torch.manual_seed(0)
+        model = gpt_init(Decoder(gpt_neo_config(size))).to(device)
+        return model, None, f"GPT-Neo-{size} architecture, random initialisation N(0, 0.02^2) (GPT-Neo's), seed 0"
+    tok = None if cfg.tokenizer == "fallback" else load_tokenizer(cfg.model)
+    if tok is None and cfg.tokenizer == "model":
+        raise PaperError(f"{cfg.model} has no tokenizer (tokenizer.json / vocab.json beside the weights); put "
+                         f"the model's tokenizer there, or pass --tokenizer fallback to train one on the corpus "
+                         f"(its token ids mean nothing to a trained checkpoint)")
+    return load_gpt_neo(cfg.model).to(device), tok, f"GPT-Neo checkpoint {cfg.model}"
+
+
 def build_model(run: Run) -> tuple[Decoder, object, dict]:
     """The pretrained LM-head decoder on the run's device, its tokenizer, and a record of where both came from."""
     cfg = run.cfg
@@ -99,20 +115,7 @@ def build_model(run: Run) -> tuple[Decoder, object, dict]:
             save_gpt_neo(model, folder)
             (folder / "pretrain.json").write_text(json.dumps(jsonable(rec["pretrain"])))
         return model, tok, rec
-    if cfg.model.startswith("random:"):
-        size = cfg.model.split(":", 1)[1].removeprefix("gpt-neo-")
-        torch.manual_seed(0)
-        model = gpt_init(Decoder(gpt_neo_config(size))).to(device)
-        rec["source"] = f"GPT-Neo-{size} architecture, random initialisation N(0, 0.02^2) (GPT-Neo's), seed 0"
-        tok = None
-    else:
-        tok = None if cfg.tokenizer == "fallback" else load_tokenizer(cfg.model)
-        if tok is None and cfg.tokenizer == "model":
-            raise PaperError(f"{cfg.model} has no tokenizer (tokenizer.json / vocab.json beside the weights); put "
-                             f"the model's tokenizer there, or pass --tokenizer fallback to train one on the corpus "
-                             f"(its token ids mean nothing to a trained checkpoint)")
-        model = load_gpt_neo(cfg.model).to(device)
-        rec["source"] = f"GPT-Neo checkpoint {cfg.model}"
+    model, tok, rec["source"] = _given_model(cfg, device)
     if tok is None:
         vocab = min(cfg.vocab_size, model.cfg.vocab_size - 8)
         folder = cache_root(cfg) / f"tokenizer-{_key(vocab, len(corpus), sorted(cfg.tasks), 'v1')}"
