@@ -11,6 +11,8 @@ torch on every device.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._common import check_tokens, chunk_size, mirror_upper
@@ -112,10 +114,27 @@ def embedding_gram(
         tok2, D2 = tok1, D1
     dtype = _check_pair(tok1, D1, tok2, D2)
     kw = {"budget": budget} if budget else {}
-    if D1.device.type == "cuda" and dtype != torch.float64:
+    blocked = D1.device.type == "cuda" and dtype != torch.float64
+    limit = budget or (TOKEN_PAIR_BUDGET if blocked else _REFERENCE_BUDGET)
+    if tok1.shape[1] * tok2.shape[1] > max(limit, 1):  # one sample pair's token pairs exceed the budget
+        out = _by_token_blocks(tok1, D1, tok2, D2, math.isqrt(limit), budget)
+    elif blocked:
         return embedding_gram_blocked(tok1, D1, tok2, D2, same=same, **kw)
-    out = embedding_gram_reference(tok1, D1, tok2, D2, **kw)
+    else:
+        out = embedding_gram_reference(tok1, D1, tok2, D2, **kw)
     return mirror_upper(out) if same else out
+
+
+def _by_token_blocks(tok1, D1, tok2, D2, side: int, budget: int | None) -> torch.Tensor:
+    """The Gram as the sum of the Grams of token blocks of `side` tokens (exact: it is a sum over token pairs),
+    for sequences so long that one sample pair's token-pair matrix exceeds the budget."""
+    side, out = max(1, side), None
+    for a in range(0, tok1.shape[1], side):
+        for b in range(0, tok2.shape[1], side):
+            part = embedding_gram(tok1[:, a : a + side], D1[:, a : a + side], tok2[:, b : b + side],
+                                  D2[:, b : b + side], budget=budget)
+            out = part if out is None else out.add_(part)
+    return out
 
 
 def embedding_linear_cross(

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from torch.func import functional_call, grad_and_value, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 Params = dict[str, torch.Tensor]
 ModelFn = Callable[[Params, torch.Tensor], torch.Tensor]
@@ -100,7 +101,8 @@ def linearize(model: nn.Module, output: Callable | None = None) -> tuple[ModelFn
 
     def f_lin(theta: Params, x: torch.Tensor) -> torch.Tensor:
         tangent = {k: theta[k] - theta0[k] for k in theta0}
-        out0, dout = jvp(lambda th: f(th, x), (theta0,), (tangent,))
+        with sdpa_kernel(SDPBackend.MATH):  # fused attention kernels have no forward-mode derivative
+            out0, dout = jvp(lambda th: f(th, x), (theta0,), (tangent,))
         return out0 + dout
 
     return f_lin, theta0

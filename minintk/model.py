@@ -92,12 +92,30 @@ class CausalSelfAttention(nn.Module):
         s = torch.where(ok, s, torch.finfo(s.dtype).min)
         return torch.softmax(s, dim=-1).to(x.dtype)
 
+    def mask(self, T: int, device: torch.device, key_mask: torch.Tensor | None) -> torch.Tensor | None:
+        """scaled_dot_product_attention's boolean mask, (T, T) or (n, 1, T, T); None for plain causal attention.
+        A query whose keys are all masked (a padding position) sees itself only, so it stays finite; no
+        attended position reads it (its key is masked for them)."""
+        if key_mask is None and (self.window is None or self.window >= T):
+            return None
+        ok = self.allowed(T, device)
+        if key_mask is not None:
+            ok = (ok & key_mask[:, None, None, :].bool()) | torch.eye(T, dtype=torch.bool, device=device)
+        return ok
+
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Fused attention (PyTorch's scaled_dot_product_attention: flash or memory-efficient kernels on CUDA,
+        their exact math elsewhere); in 16-bit modes the scores and softmax are accumulated in fp32 by the kernel,
+        as scores() does explicitly."""
         n, T, d = x.shape
-        p = self.scores(x, key_mask)
-        v = self.v_proj(x).view(n, T, self.n_head, self.d_head).transpose(1, 2)
-        y = (p @ v).transpose(1, 2).reshape(n, T, d)
-        return self.out_proj(y)
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(n, T, self.n_head, self.d_head).transpose(1, 2)
+
+        mask = self.mask(T, x.device, key_mask)
+        y = F.scaled_dot_product_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)),
+                                           attn_mask=mask, is_causal=mask is None, scale=self.scale)
+        return self.out_proj(y.transpose(1, 2).reshape(n, T, d))
 
 
 class MLP(nn.Module):

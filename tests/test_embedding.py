@@ -87,6 +87,18 @@ def test_ragged_shapes_and_budgets(m1, m2, T1, T2, d, V, budget, seed, dtype):
         assert_gram(path(tok1, D1, tok2, D2, budget=budget), ref, dtype, atol, rtol)
 
 
+@given(m=st.integers(1, 4), T1=st.integers(2, 9), T2=st.integers(2, 9), budget=st.integers(1, 12),
+       same=st.booleans(), seed=st.integers(0, 2**16))
+@settings(max_examples=25, deadline=None)
+def test_sequences_longer_than_the_budget_go_by_token_blocks(m, T1, T2, budget, same, seed):
+    """One sample pair's T1 x T2 token pairs over the budget: the Gram is summed over token blocks, exactly."""
+    tok1, D1 = inputs(m, T1, 3, 4, torch.float64, seed)
+    tok2, D2 = (tok1, D1) if same else inputs(m + 1, T2, 3, 4, torch.float64, seed + 1)
+    got = embedding_gram(tok1, D1, *(() if same else (tok2, D2)), budget=budget)
+    torch.testing.assert_close(got, one_hot_grads(tok1, D1, 4) @ one_hot_grads(tok2, D2, 4).T, atol=1e-12, rtol=0)
+    assert not same or torch.equal(got, got.T)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_cpu_takes_the_reference(dtype):
     tok1, D1 = inputs(3, 4, 6, 5, dtype, 3)

@@ -137,6 +137,25 @@ def test_local_window_limits_what_a_token_sees():
     assert p[outside].abs().max() == 0 and torch.allclose(p.sum(-1), torch.ones(8))
 
 
+@given(T=st.integers(1, 12), window=st.sampled_from([None, 1, 3, 20]), pads=st.lists(st.integers(0, 11), min_size=3,
+       max_size=3), left=st.booleans())
+def test_fused_attention_equals_the_explicit_softmax(T, window, pads, left):
+    """forward (scaled_dot_product_attention) against softmax(scores) V at every attended position, fp64, with
+    local windows and left or right padding (each sample keeps at least one token)."""
+    torch.manual_seed(T)
+    cfg = DecoderConfig(d_model=16, n_head=2, n_layer=1, attention_windows=(window,), n_positions=None)
+    attn = Decoder(cfg).double().blocks[0].attn
+    x = torch.randn(3, T, 16, dtype=torch.float64)
+    keep = [T - min(p, T - 1) for p in pads]
+    mask = torch.tensor([[int((t >= T - k) if left else (t < k)) for t in range(T)] for k in keep])
+    v = attn.v_proj(x).view(3, T, 2, 8).transpose(1, 2)
+    expect = attn.out_proj((attn.scores(x, mask) @ v).transpose(1, 2).reshape(3, T, 16))
+    got = attn(x, mask)
+    real = mask.bool()
+    assert torch.isfinite(got).all()
+    assert (got - expect)[real].abs().max() < 1e-12
+
+
 def test_bad_inputs():
     m = Decoder(DecoderConfig(vocab_size=10, n_positions=6))
     with pytest.raises(ModelInputError, match=r"token ids must lie in \[0, 10\)"):

@@ -443,10 +443,25 @@ def test_meta_device_models_are_refused():
 
 
 def test_long_inputs_that_cannot_fit_are_refused_before_allocating():
+    """A model whose attention materializes its T x T scores (as transformers' eager GPT-Neo does; ours is fused
+    and linear in T): the probe's fit of its graph size refuses T = 60000 before running it."""
     model = small_decoder(n_positions=None, n_layer=1)
+    for block in model.blocks:
+        block.attn.forward = explicit_attention(block.attn)
     X = torch.randint(0, 31, (4, 60_000))
     with pytest.raises(NTKError, match=r"length T=60000 needs ~\d+\.\d GiB .* over the memory budget of 1\.0 GiB"):
         ntk(model, X, max_memory=1 << 30, progress=False)
+
+
+def explicit_attention(attn):
+    """attn's forward with the scores and probabilities formed, (n, H, T, T), as eager attention does."""
+
+    def forward(x, key_mask=None):
+        n, T, d = x.shape
+        v = attn.v_proj(x).view(n, T, attn.n_head, attn.d_head).transpose(1, 2)
+        return attn.out_proj((attn.scores(x, key_mask) @ v).transpose(1, 2).reshape(n, T, d))
+
+    return forward
 
 
 # ----------------------------------------------------------------------------------------- data-dependent structure
