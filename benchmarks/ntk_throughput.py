@@ -12,6 +12,7 @@ the same run. Flops are counted as 6 P n T + 2 n^2 P (forward/backward + the Gra
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import time
@@ -53,12 +54,16 @@ def build(size: str, T: int, seed: int = 0) -> Decoder:
 
 
 MAX_MEMORY = None  # bytes: minintk's memory budget (--max-memory); None: its default
+FORM_SECONDS = False  # --form-seconds: seconds per contraction form (synchronizing after each layer)
 
 
 def run(model, X, precision, method, stats=None):
-    strategy = {"minintk": "auto", "loop": "loop", "func": "func"}[method]
-    budget = MAX_MEMORY if method == "minintk" else None
-    return ntk(model, X, precision=precision, strategy=strategy, progress=False, stats=stats, max_memory=budget)
+    """One call of `method`: minintk eager (cuda_graph=False), minintk-graph (cuda_graph=True: the first call
+    records the CUDA graph, later ones replay it), or a per-sample reference."""
+    strategy = {"minintk": "auto", "minintk-graph": "auto", "loop": "loop", "func": "func"}[method]
+    budget = MAX_MEMORY if method.startswith("minintk") else None
+    return ntk(model, X, precision=precision, strategy=strategy, progress=False, stats=stats, max_memory=budget,
+               cuda_graph=method == "minintk-graph")
 
 
 def timed(model, X, precision, method, repeats: int, warmup: bool = True):
@@ -80,9 +85,9 @@ def timed(model, X, precision, method, repeats: int, warmup: bool = True):
     for r in range(0 if warmup else 1, repeats + 1):
         torch.cuda.reset_peak_memory_stats()
         torch.cuda.synchronize()
-        s = Stats(time_forms=X.shape[0] >= 1024)  # per-form seconds (a sync per layer) only where it is negligible
+        s = Stats(time_forms=FORM_SECONDS)  # per-form seconds: a sync per layer
         t = time.perf_counter()
-        K = run(model, X, precision, method, stats=s if method == "minintk" else None)
+        K = run(model, X, precision, method, stats=s if method.startswith("minintk") else None)
         torch.cuda.synchronize()
         dt = time.perf_counter() - t
         if r == 0:
@@ -112,6 +117,33 @@ def check(methods, precisions) -> list[dict]:
             rows.append({"method": method, "precision": p, "rel_err_vs_fp64_func": rel(K, ref)})
             print(f"check {method:8s} {p:5s} rel err {rows[-1]['rel_err_vs_fp64_func']:.2e}", flush=True)
     rows += check_segmented(m, X, ref)
+    if "minintk-graph" in methods:
+        rows += check_graph(m, cfg.vocab_size)
+    return rows
+
+
+def check_graph(m, vocab: int) -> list[dict]:
+    """Replays of a recorded CUDA graph on new inputs (left-padded by a mask that differs from the recorded call)
+    against the eager engine on the same inputs."""
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(1)
+    X = [torch.randint(0, vocab, (12, 32), device="cuda", generator=g) for _ in range(3)]
+    masks = [torch.ones(12, 32, dtype=torch.long, device="cuda") for _ in range(3)]
+    for k, mask in enumerate(masks):
+        mask[: 4 * k, : 3 + 5 * k] = 0  # left padding, different on every call
+    m64 = copy.deepcopy(m).double()  # ntk converts per call otherwise, and a per-call copy is never graphed
+    for p in ("fp64", "fp32", "bf16"):
+        mp, errs = (m64 if p == "fp64" else m), []
+        for i, (x, mask) in enumerate(zip(X, masks)):
+            inputs = {"input_ids": x, "attention_mask": mask}
+            stats = Stats()
+            got = ntk(mp, inputs, precision=p, progress=False, cuda_graph=True, stats=stats)  # 0 records, 1-2 replay
+            replayed = "graph replay" in stats.seconds
+            if i > 0:
+                errs.append(rel(got, ntk(mp, inputs, precision=p, progress=False, cuda_graph=False)))
+        label = "minintk-graph replay vs eager" + ("" if replayed else " (NOT replayed)")
+        rows.append({"method": label, "precision": p, "rel_err_vs_fp64_func": max(errs)})
+        print(f"check graph replay {p}: rel err vs eager {max(errs):.2e}", flush=True)
     return rows
 
 
@@ -153,8 +185,10 @@ def main() -> None:
     ap.add_argument("--memory-fraction", type=float, default=None,
                     help="budget as this fraction of the free GPU memory (minintk.engine.default_budget; default 0.9)")
     ap.add_argument("--max-memory", type=float, default=None, help="GiB: minintk's memory budget (max_memory)")
+    ap.add_argument("--form-seconds", action="store_true", help="seconds per contraction form (a sync per layer)")
     args = ap.parse_args()
-    global MAX_MEMORY
+    global MAX_MEMORY, FORM_SECONDS
+    FORM_SECONDS = args.form_seconds
     if args.max_memory:
         MAX_MEMORY = int(args.max_memory * 2**30)
     if args.memory_fraction:
@@ -224,7 +258,9 @@ def main() -> None:
                     tflops=flops / sec / 1e12,
                     frac_peak=flops / sec / 1e12 / peaks[p],
                 )
-                if stats is not None:
+                if method == "minintk-graph":  # the timed calls must be replays
+                    row["graph_phases"] = sorted(stats.seconds)
+                elif stats is not None:
                     used, phase = stats.plan, stats.seconds
                     row.update(
                         capture_s=phase.get("capture", 0.0) + phase.get("boundary", 0.0),
@@ -301,6 +337,8 @@ def markdown(meta, checks, rows) -> str:
         forms = ", ".join(
             f"{k} {v}" + (f" ({secs[k]:.2f} s)" if k in secs else "") for k, v in r.get("forms", {}).items()
         )
+        if r.get("graph_phases"):
+            forms = "phases: " + ", ".join(r["graph_phases"])
         if r.get("groups"):
             forms += f"; {r['groups']} group(s), " + (
                 f"segmented, {r['passes']:.1f} passes" if r.get("segmented") else f"{r['passes']:.1f} passes"
@@ -330,11 +368,12 @@ def markdown(meta, checks, rows) -> str:
         "\\** Warm-up: the first call on a fresh model, untimed in 'time' (the engine's discovery of the model's "
         "layers, kernel autotuning, cuBLAS handles, the allocator's first cudaMallocs): a full call for n <= 256, "
         "a call on 2 samples for larger n. Each method starts from an empty allocator cache; 'time' is the best "
-        "timed call after the warm-up (steady state, no empty_cache between calls).",
+        "timed call after the warm-up (steady state, no empty_cache between calls). For minintk-graph the warm-up "
+        "call is the one that records the CUDA graph (an eager run, then the capture): its first-call cost.",
         "",
         "## Checks against the fp64 reference (tiny GPT-Neo-like model, n=12, T=32)",
         "",
-        "| method | precision | rel. err vs fp64 torch.func |",
+        "| method | precision | rel. err vs fp64 torch.func (graph replay rows: vs the eager engine, same inputs) |",
         "|---|---|---|",
     ]
     lines += [f"| {c['method']} | {c['precision']} | {c['rel_err_vs_fp64_func']:.1e} |" for c in checks]

@@ -39,6 +39,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-profile", action="store_true")
     ap.add_argument("--max-memory", type=float, default=None, help="GiB: the engine's memory budget")
+    ap.add_argument("--graph", action="store_true", help="replay CUDA graphs (ntk's cuda_graph=True); default eager")
     args = ap.parse_args()
     args.max_memory = int(args.max_memory * 2**30) if args.max_memory else None
     torch.manual_seed(0)
@@ -52,7 +53,8 @@ def main() -> None:
 
 def profile_one(model, X, prec: str, args) -> None:
     params = list(model.parameters())
-    ntk(model, X, precision=prec, progress=False, max_memory=args.max_memory)  # warm-up: discovery, autotune
+    opts = dict(progress=False, max_memory=args.max_memory, cuda_graph=args.graph)
+    ntk(model, X, precision=prec, **opts)  # warm-up: discovery, autotune (and the graph's recording)
 
     def fwd_bwd():
         with matmul_flags(prec), forward_mode(prec, X.device):
@@ -65,9 +67,9 @@ def profile_one(model, X, prec: str, args) -> None:
             model(X)
 
     stats = Stats()
-    t_call = best_of(lambda: ntk(model, X, precision=prec, progress=False, max_memory=args.max_memory), args.repeats)
+    t_call = best_of(lambda: ntk(model, X, precision=prec, **opts), args.repeats)
     torch.cuda.reset_peak_memory_stats()
-    ntk(model, X, precision=prec, progress=False, stats=stats, max_memory=args.max_memory)
+    ntk(model, X, precision=prec, progress=False, stats=stats, max_memory=args.max_memory, cuda_graph=args.graph)
     phases = {k: round(v, 4) for k, v in stats.seconds.items()}
     phases["peak GiB"] = round(stats.peak_bytes / 2**30, 2)
     phases["peak in"] = stats.peak_phase
@@ -79,7 +81,7 @@ def profile_one(model, X, prec: str, args) -> None:
         return
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        ntk(model, X, precision=prec, progress=False, max_memory=args.max_memory)
+        ntk(model, X, precision=prec, **opts)
         torch.cuda.synchronize()
     ka = prof.key_averages()
     syncs = sum(e.count for e in ka if "Synchronize" in e.key or e.key == "aten::item"

@@ -138,13 +138,15 @@ def _by_token_blocks(tok1, D1, tok2, D2, side: int, budget: int | None) -> torch
 
 
 def embedding_linear_cross(
-    tok1: torch.Tensor, D1: torch.Tensor, X2: torch.Tensor, D2: torch.Tensor, budget: int = _REFERENCE_BUDGET
+    tok1: torch.Tensor, D1: torch.Tensor, X2: torch.Tensor, D2: torch.Tensor, budget: int = _REFERENCE_BUDGET,
+    check_ids: bool = True,
 ) -> torch.Tensor:
     """Cross Gram of an embedding (tok1 (m1, T1), D1 (m1, T1, d)) and a Linear sharing its (V, d) weight.
 
     X2 (m2, T2, d): the Linear's inputs; D2 (m2, T2, V): its output-gradients. Returns (m1, m2), float32
     (float64 if any input is float64). Plain torch (a gather and two einsums, chunked): in LMs D2 is
-    nonzero at few positions, so T2 is small after the engine drops all-zero time steps.
+    nonzero at few positions, so T2 is small after the engine drops all-zero time steps. check_ids=False skips
+    the range check of tok1 (a host sync) for callers whose ids an embedding has already read.
     """
     check_tokens("tok1", tok1, "D1", D1)
     if X2.dim() != 3 or D2.dim() != 3 or X2.shape[:2] != D2.shape[:2]:
@@ -152,7 +154,7 @@ def embedding_linear_cross(
     if X2.shape[2] != D1.shape[2]:
         raise ValueError(f"D1 has d={D1.shape[2]} but X2 has d={X2.shape[2]}")
     V = D2.shape[2]
-    if tok1.numel() and (int(tok1.min()) < 0 or int(tok1.max()) >= V):
+    if check_ids and tok1.numel() and (int(tok1.min()) < 0 or int(tok1.max()) >= V):
         raise ValueError(f"tok1 ids must lie in [0, {V}) (the Linear's output size)")
     dt = _out_dtype(D1, X2, D2)
     m1, T1 = tok1.shape

@@ -20,6 +20,15 @@ class ModelInputError(ValueError):
     """The input ids (or mask) given to the decoder cannot be run."""
 
 
+def _readable(t: torch.Tensor) -> bool:
+    """Whether checks may read t's values: not under vmap (no values), not while a CUDA graph is recorded or its
+    caller forbids host syncs (torch.cuda.set_sync_debug_mode("error"): minintk's engine, which has checked the
+    ids and mask itself, records its graphs so)."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(t):
+        return False
+    return not t.is_cuda or not (torch.cuda.is_current_stream_capturing() or torch.cuda.get_sync_debug_mode() == 2)
+
+
 class Linear(nn.Linear):
     """y = x (w_mult W)^T + b_mult b. Standard parameterization has w_mult = b_mult = 1."""
 
@@ -208,14 +217,15 @@ class Decoder(nn.Module):
             raise ModelInputError(
                 f"sequence length {T} exceeds the model's n_positions={self.cfg.n_positions}; truncate the input"
             )
-        wrapped = torch._C._functorch.is_functorch_wrapped_tensor(idx)  # under vmap: values are not readable
-        if idx.numel() and not wrapped and (int(idx.min()) < 0 or int(idx.max()) >= V):
+        if not _readable(idx):
+            return
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= V):
             raise ModelInputError(f"token ids must lie in [0, {V}), got min {int(idx.min())}, max {int(idx.max())}")
         if attention_mask is not None and attention_mask.shape != idx.shape:
             raise ModelInputError(
                 f"attention_mask shape {tuple(attention_mask.shape)} differs from the ids' {tuple(idx.shape)}"
             )
-        if attention_mask is not None and not torch._C._functorch.is_functorch_wrapped_tensor(attention_mask):
+        if attention_mask is not None and _readable(attention_mask):
             empty = (~attention_mask.bool().any(1)).nonzero().flatten().tolist()
             if empty:
                 raise ModelInputError(
@@ -263,7 +273,8 @@ class Decoder(nn.Module):
             return self.lm_head(h)
         z = self.pool(h, attention_mask)
         if cfg.head == "label_words":
-            logits = self.lm_head(z)[:, list(cfg.label_ids)]
+            full = self.lm_head(z)
+            logits = torch.stack([full[:, i] for i in cfg.label_ids], 1)  # a list index would sync with the host
             return logits[:, 1] - logits[:, 0] if cfg.label_diff else logits
         out = self.head(z)
         return out[:, 0] if cfg.head == "scalar" else out

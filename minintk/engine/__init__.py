@@ -6,17 +6,17 @@ One ntk() call, file by file:
   probe      one pass over a few samples finds the Structure (cached per model); checks.py says what is routed
   plan       layer groups x sample blocks x capture mode that fit the memory budget at the fewest passes
   tiles      per group and tile: capture (capture.py, blocks.py, recorder.py) then contract (contract.py)
+  graphs     small Grams repeated with inputs of one shape: the tiles' kernels replayed from a CUDA graph
   reference  per-sample gradients of the whole model, for parameters the layer algebra does not cover
 """
 
-from .api import default_budget, layer_structure, ntk, ntk_fn, plan
+from .api import clear_cache, default_budget, layer_structure, ntk, ntk_fn, plan
 from .contract import STRATEGIES, choose_form
 from .errors import NTKError
 from .inputs import last_blocks, select_params
 from .outputs import label_words
 from .plan import CostModel, Plan, Sizes, plan_gram
 from .precision import PRECISIONS
-from .probe import clear_cache
 from .spec import Spec
 from .stats import Stats
 from .structure import Chain, Structure

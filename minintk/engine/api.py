@@ -4,6 +4,7 @@ One call: inputs.prepare -> probe.discover -> plan.plan_gram -> tiles.gram (capt
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 
 import torch
@@ -11,9 +12,12 @@ from torch import nn
 
 from .contract import STRATEGIES
 from .errors import NTKError, torch_errors
+from .graphs import MODES, eligible, graphed_gram
+from .graphs import release as release_graphs
 from .inputs import Inputs, differentiable, n_samples, prepare, width
 from .plan import DEFAULT_COST, CostModel, Plan, Sizes, plan_gram
 from .precision import PRECISIONS, matmul_flags, result_dtype
+from .probe import clear_cache as forget_structures
 from .probe import discover
 from .reference import reference_gram
 from .spec import Spec
@@ -39,6 +43,7 @@ def ntk(
     progress: bool = True,
     stats: Stats | None = None,
     cost: CostModel = DEFAULT_COST,
+    cuda_graph: bool | str = "auto",
 ) -> torch.Tensor:
     """Empirical NTK Gram K[i, j] = J(x_i) J(x2_j)^T of `model` at its current parameters (docs/theory.md s. 2).
 
@@ -55,12 +60,18 @@ def ntk(
     ghost or materialized form per layer by cost; "ghost"/"materialized" force one; "loop" and "func" are the
     per-sample references. max_memory: bytes for the engine's working set (default: default_budget).
     block_size: largest sample block. stats: a Stats to fill (plan, seconds per phase, forms, peak memory).
-    cost: the planner's CostModel. Raises NTKError for bad inputs or settings, naming what to change.
+    cost: the planner's CostModel. cuda_graph: small Grams on CUDA (one layer group, one sample tile) are replayed
+    from a CUDA graph of their kernels (engine/graphs.py: exact, for a call repeated with inputs of one shape on
+    an unchanged model); "auto" records it on the second such call when its working set is under 1/8 of the
+    device's memory (which the graph then keeps), True on the first whatever its size, False never.
+    Raises NTKError for bad inputs or settings, naming what to change.
     """
     if precision not in PRECISIONS:
         raise NTKError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if strategy not in STRATEGIES:
         raise NTKError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    if cuda_graph not in MODES:
+        raise NTKError(f"unknown cuda_graph {cuda_graph!r}; expected 'auto', True or False")
     if trace and diagonal:
         raise NTKError("trace=True and diagonal=True exclude each other: trace -> (n, n2), diagonal -> (n, n2, C)")
     outputs = "trace" if trace else "diagonal" if diagonal else "full"
@@ -74,13 +85,8 @@ def ntk(
             K, C, scalar = reference_gram(spec, X, X2, n, n2, strategy, progress)
             K = _outputs_of_full(K, n, n2, C, outputs)
         else:
-            budget = int(max_memory) if max_memory is not None else default_budget(spec.device)
-            st = discover(spec, X, budget, margin=cost.graph_margin, progress=progress)
-            p = plan_gram(st, _sizes(spec, n, n2, X2 is None, budget, block_size, cost), cost)
-            if stats is not None:
-                stats.plan = p
-            K = gram(spec, st, p, X, X2, strategy=strategy, cost=cost, stats=stats, progress=progress)
-            C, scalar = st.C, st.scalar_output
+            K, C, scalar = _layerwise(spec, X, X2, n, n2, strategy, max_memory, block_size, stats, progress, cost,
+                                      cuda_graph)
     if outputs == "full":
         K = K.reshape(n, C, n2, C).permute(0, 2, 1, 3)
         K = K[:, :, 0, 0] if scalar else K
@@ -89,6 +95,27 @@ def ntk(
     if normalize:
         K = K / (width(model) if normalize is True else float(normalize))
     return K.to(result_dtype(precision)).contiguous()
+
+
+def _layerwise(spec: Spec, X: Inputs, X2: Inputs | None, n: int, n2: int, strategy: str, max_memory: int | None,
+               block_size: int | None, stats: Stats | None, progress: bool, cost: CostModel, cuda_graph):
+    """(K as tiles.gram returns it, C, scalar output) by the layerwise engine, replayed from a CUDA graph where
+    graphs.eligible allows it."""
+    budget = int(max_memory) if max_memory is not None else default_budget(spec.device)
+    st = discover(spec, X, budget, margin=cost.graph_margin, progress=progress)
+    p = plan_gram(st, _sizes(spec, n, n2, X2 is None, budget, block_size, cost), cost)
+    if stats is not None:
+        stats.plan = p
+    K = None
+    if eligible(spec, st, p, cuda_graph):
+        t0 = time.perf_counter()
+        K, phase = graphed_gram(spec, st, p, X, X2, cuda_graph, (strategy, cost, block_size, max_memory),
+                                lambda g, a, b: gram(g, st, p, a, b, strategy=strategy, cost=cost))
+        if K is not None and stats is not None:
+            stats.tick(phase, t0, spec.device)
+    if K is None:
+        K = gram(spec, st, p, X, X2, strategy=strategy, cost=cost, stats=stats, progress=progress)
+    return K, st.C, st.scalar_output
 
 
 def plan(
@@ -142,6 +169,13 @@ def _outputs_of_full(K: torch.Tensor, n: int, n2: int, C: int, outputs: str) -> 
         return K
     diag = K.reshape(n, C, n2, C).diagonal(dim1=1, dim2=3)  # (n, n2, C)
     return diag.sum(-1) if outputs == "trace" else diag
+
+
+def clear_cache() -> None:
+    """Forget every model's probed structure (after replacing modules or re-tying weights) and drop every
+    recorded CUDA graph with the device memory it holds (engine/graphs.py)."""
+    forget_structures()
+    release_graphs()
 
 
 def ntk_fn(model: nn.Module, **options) -> Callable[..., torch.Tensor]:

@@ -182,7 +182,7 @@ def forward(spec: Spec, chain: Chain, x: Inputs, uses: list[Use], m: int, *, pro
                 hooks.run(run, start)
             for e in taps:
                 hooks.tap(e)
-            with forward_mode(spec.precision, spec.device), contextlib.ExitStack() as ctx:
+            with forward_mode(spec.precision, spec.device, cache=not spec.graph), contextlib.ExitStack() as ctx:
                 if saved:
                     ctx.enter_context(torch.autograd.graph.saved_tensors_hooks(*saved))
                 if probe:
@@ -196,14 +196,14 @@ def forward(spec: Spec, chain: Chain, x: Inputs, uses: list[Use], m: int, *, pro
     if f is None:
         return rec, None
     rec.scalar_output = f.dim() == 1
-    return rec, _checked(f, m)
+    return rec, _checked(f, m, finite=not spec.graph)
 
 
-def _checked(f: torch.Tensor, m: int) -> torch.Tensor:
-    """f as (m, C); NTKError for another shape or non-finite values."""
+def _checked(f: torch.Tensor, m: int, finite: bool = True) -> torch.Tensor:
+    """f as (m, C); NTKError for another shape or (if finite) non-finite values."""
     if f.dim() not in (1, 2) or f.shape[0] != m:
         raise NTKError(f"output must return one value (m,) or C values (m, C) per sample; for {m} samples it "
                        f"returned shape {tuple(f.shape)}")
-    if not torch.isfinite(f).all():
+    if finite and not torch.isfinite(f).all():
         raise NTKError("the model's output holds NaN or inf for these inputs")
     return f if f.dim() == 2 else f[:, None]

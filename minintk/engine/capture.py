@@ -179,15 +179,16 @@ def capture(spec: Spec, st: Structure, X: Inputs, lo: int, hi: int, uses: list[U
             c = max(1, min(hi - lo, int(graph_budget // per)))
             for name, key, v in capture_chunks(spec, st, X, lo, hi, us, c, run, grads, hidden).items():
                 getattr(cap, name)[key] = v
-    return drop_silent_steps(cap, uses, spec.device)
+    return cap if spec.graph else drop_silent_steps(cap, uses, spec.device)
 
 
 def drop_silent_steps(cap: Capture, uses: list[Use], device: torch.device) -> Capture:
     """Drop the tokens where a layer's output-gradient vanishes for every sample (LM logits but the last, say):
     exact, and the contractions get shorter. One sync for all layers."""
     mats = [u for u in uses if u.weight is not None and u.kind != NORM]
+    # max |D| per step, over samples first (a coalesced reduction; one over (0, 2) at once was 10% of a small call)
     norms = [torch.linalg.vector_norm(cap.B[u.label] if u.kind in (EMBED, CONV1D) else cap.A[u.label],
-                                      math.inf, dim=(0, 2)) for u in mats]
+                                      math.inf, dim=0).amax(-1) for u in mats]
     flags = (torch.cat(norms) > 0).tolist() if norms else []
     sliced: dict[tuple, torch.Tensor] = {}  # a shared factor stays shared where its uses keep the same steps
 

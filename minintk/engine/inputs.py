@@ -109,8 +109,9 @@ def check_model(model: nn.Module) -> None:
         if m.training and isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
             raise NTKError(f"{name} is dropout (p={m.p}) in training mode: f is random; call model.eval()")
     named = list(model.named_parameters())
-    with torch.no_grad():  # the largest |entry| of all parameters (multi-tensor kernels, one sync): NaN/inf propagate
-        if not named or math.isfinite(nn.utils.get_total_norm([p for _, p in named], math.inf).item()):
+    with torch.no_grad():  # the 2-norm of all parameters (multi-tensor kernels, one sync): NaN/inf propagate; an
+        # overflow of huge finite entries falls to the per-parameter check (the inf-norm is one kernel per tensor)
+        if not named or math.isfinite(nn.utils.get_total_norm([p for _, p in named], 2.0).item()):
             return
         for name, p in named:
             if not torch.isfinite(p).all():

@@ -36,7 +36,7 @@ def label_words(ids: Iterable[int], diff: bool = False, position: int | str = "l
             at = torch.arange(mask.shape[1], device=mask.device).expand(mask.shape)
             last = torch.where(mask.bool(), at, -1).amax(1).clamp_min(0)
             z = logits[torch.arange(logits.shape[0], device=logits.device), last]
-        z = z[:, ids]
+        z = torch.stack([z[:, i] for i in ids], 1)  # not z[:, ids]: a list index is copied to the device (a sync)
         return z[:, 1] - z[:, 0] if diff else z
 
     f.takes_inputs = True

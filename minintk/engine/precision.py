@@ -51,10 +51,11 @@ def matmul_flags(precision: str):
 
 
 @contextlib.contextmanager
-def forward_mode(precision: str, device: torch.device):
-    """The forward pass's mode on top of matmul_flags (which ntk and plan hold throughout): bf16 autocast."""
+def forward_mode(precision: str, device: torch.device, cache: bool = True):
+    """The forward pass's mode on top of matmul_flags (which ntk and plan hold throughout): bf16 autocast (its
+    cache of cast weights off for a CUDA graph's capture)."""
     if precision == "bf16":
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache):
             yield
     else:
         yield

@@ -24,6 +24,9 @@ class Spec:
     precision: str
     device: torch.device
     outputs: str = "full"  # "full" (every pair of outputs), "trace" or "diagonal" (same output only): OUTPUTS
+    # captured into a CUDA graph (graphs.py): no host syncs and no shapes that depend on the data, so time steps
+    # without gradient are kept (exact: they add zeros) and f's finiteness is checked on K after each replay
+    graph: bool = False
 
 
     @property

@@ -10,8 +10,9 @@ import torch
 
 @dataclass
 class Stats:
-    """seconds per phase ("setup", "boundary", "capture", "contract", "fallback"); the allocator's peak since the
-    caller's last reset and the phase that reached it (CUDA); the contraction form chosen per layer and tile
+    """seconds per phase ("setup", "boundary", "capture", "contract", "fallback"; or the whole Gram as "graph
+    record" or "graph replay" when a CUDA graph is recorded or replayed: engine/graphs.py); the allocator's peak
+    since the caller's last reset and the phase that reached it (CUDA); the contraction form chosen per layer and tile
     ("vector", "embedding", "tied-cross", "ghost", "materialized"); with time_forms=True, the seconds per form
     (synchronizing after each layer: slower); and the plan used."""
 
