@@ -81,6 +81,7 @@ def run_check(model: nn.Module, X: torch.Tensor, cfg: CheckConfig, *, K: torch.T
                            f"{cfg.n_test}), got {X.shape[0]}")
     model = _float64_copy(model)
     X = X[:N].to(next(model.parameters()).device)
+    X = X.double() if X.is_floating_point() else X  # floating inputs follow the model to float64
     if K is None:
         K = ntk(model, X, precision="fp64", progress=progress)
     elif tuple(K.shape) != (N, N):
@@ -157,11 +158,12 @@ def _one(K: np.ndarray, task, train: np.ndarray, test: np.ndarray, cfg: CheckCon
 
 def _network(model: nn.Module, X: torch.Tensor, f0: np.ndarray, task, train: np.ndarray, test: np.ndarray,
              row: dict, cfg: CheckConfig) -> dict:
-    """The network trained by full-batch gradient descent with the same step, up to T_hat (at most net_steps):
-    its test and in-sample errors at T_hat, beside the linearized model's in the row."""
+    """The network trained by full-batch gradient descent with the same step, up to twice the later of T_hat and
+    the linearized model's oracle time (at most net_steps): its test and in-sample errors at T_hat, and its own
+    oracle stopping time and test error over the steps run, beside the linearized model's in the row."""
     from .linearize import train as train_model
 
-    steps = int(min(cfg.net_steps, max(row["t_hat"], 1)))
+    steps = int(min(cfg.net_steps, 2 * max(row["t_hat"], row["lin_oracle_test_t"], 1)))
     y = torch.from_numpy(f0[train] + task.y[train]).to(X.device)
     y_test = torch.from_numpy(f0[test] + task.f_star[test]).to(X.device)
     tr = train_model(model, X[train], y, optimizer="sgd", lr=row["alpha"], steps=steps, X_test=X[test],
@@ -170,4 +172,5 @@ def _network(model: nn.Module, X: torch.Tensor, f0: np.ndarray, task, train: np.
     err_in = ((tr.train_pred.cpu().numpy() - (f0[train] + task.f_star[train])) ** 2).mean(1)
     reached = row["t_hat"] <= steps
     return dict(net_steps=steps, net_test_at_t_hat=float(err_te[row["t_hat"]]) if reached else None,
-                net_in_at_t_hat=float(err_in[row["t_hat"]]) if reached else None)
+                net_in_at_t_hat=float(err_in[row["t_hat"]]) if reached else None,
+                net_oracle_test_t=int(np.argmin(err_te)), net_oracle_test=float(err_te.min()))

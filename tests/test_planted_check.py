@@ -73,3 +73,29 @@ def test_a_pool_too_small_is_named():
         run_check(torch.nn.Linear(3, 1), torch.randn(5, 3), CheckConfig(sizes=(6, 12), n_test=8, sample=10, k=4))
     with pytest.raises(PlantedError, match="k=20: expected 1 <= k <= sample = 10"):
         CheckConfig(sample=10, k=20)
+
+
+class _LinearInTheta(torch.nn.Module):
+    """f(x) = <w, x>: its own linearization, so gradient descent on it is the closed-form kernel dynamics."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Linear(6, 1, bias=False)
+
+    def forward(self, x):
+        return self.w(x)[:, 0]
+
+
+def test_the_network_oracle_of_a_model_linear_in_theta_is_the_linearized_one():
+    """net_oracle_test_t / net_oracle_test (the network's own oracle stopping time over the steps it ran) match
+    the linearized model's closed form when the network is linear in its parameters; the closed form's oracle
+    time sits on a grid, so the network's error at its oracle is at most the linearized one's."""
+    torch.manual_seed(0)
+    cfg = CheckConfig(sizes=(12,), n_test=8, sample=10, k=4, smoothness=(1.0,), seeds=1, network=True,
+                      net_steps=5000, grid=400)
+    res = run_check(_LinearInTheta(), torch.randn(cfg.pool, 6), cfg, progress=False)
+    (row,) = res["rows"]
+    assert row["net_steps"] == min(5000, 2 * max(row["t_hat"], row["lin_oracle_test_t"], 1))
+    assert abs(row["net_test_at_t_hat"] - row["lin_test_at_t_hat"]) <= 1e-9 * row["lin_test_at_t_hat"]
+    assert row["net_oracle_test"] <= row["lin_oracle_test"] * (1 + 1e-9)
+    assert abs(row["net_oracle_test"] - row["lin_oracle_test"]) <= 0.05 * row["lin_oracle_test"]
