@@ -33,7 +33,8 @@ def exponent(rows: list[dict], key: str) -> dict | None:
 
 def summarize(result: dict) -> dict:
     """Per task (smoothness s) and size n the medians over seeds; per task the fitted exponents against the
-    predicted -beta/(beta+1); across tasks the Spearman correlation of s with the mean log relative error;
+    predicted -beta/(beta+1) (and the target's own -(2s-1)/(2s), a reference: docs/theory.md section 8);
+    across tasks the Spearman correlation of s with the mean log relative error;
     and the verdicts."""
     rows = result["rows"]
     tasks = {}
@@ -53,6 +54,7 @@ def summarize(result: dict) -> dict:
             "exp_lin": exponent(rs, "lin_test_at_t_hat"), "exp_oracle": exponent(rs, "lin_oracle_test"),
             "exp_net": exponent(rs, "net_test_at_t_hat"), "exp_bound": exponent(rs, "bound"),
             "predicted": None if beta is None else -beta / (beta + 1), "beta": beta,
+            "predicted_s": -(2 * s - 1) / (2 * s) if s > 0.5 else None,  # docs/theory.md section 8
             "bound_held": sum(r["lin_in_at_t_hat"] <= r["bound"] for r in rs) / len(rs),
             "net_gap": _median(abs(r["net_test_at_t_hat"] / r["lin_test_at_t_hat"] - 1) for r in rs
                                if r.get("net_test_at_t_hat") is not None),
@@ -76,7 +78,8 @@ def _verdicts(tasks: dict, rho: float | None) -> list[tuple[str, bool | None, st
         e, p = t["exp_lin"], t["predicted"]
         ok = None if e is None or p is None else e["ci"][0] <= p <= e["ci"][1]
         ev = "not enough sizes" if e is None else (
-            f"measured {e['slope']:.2f} [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}], predicted {p:.2f} (beta {t['beta']:.2f})")
+            f"measured {e['slope']:.2f} [{e['ci'][0]:.2f}, {e['ci'][1]:.2f}], predicted {p:.2f} (beta {t['beta']:.2f})"
+            + ("" if t["predicted_s"] is None else f"; this target's own rate -(2s-1)/(2s) = {t['predicted_s']:.2f}"))
         out.append((f"s={s:g}: the test error at T_hat falls as n^(-beta/(beta+1))", ok, ev))
     gaps = [t["net_gap"] for t in tasks.values() if t["net_gap"] is not None]
     if gaps:
