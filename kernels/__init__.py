@@ -7,13 +7,20 @@ embedding_gram pick their path from the tensors: the blocked cuBLAS token-pair p
 """
 
 from ._common import mirror_upper
-from .embedding import embedding_gram, embedding_gram_blocked, embedding_gram_reference, embedding_linear_cross
+from .embedding import (
+    embedding_grad_slice,
+    embedding_gram,
+    embedding_gram_blocked,
+    embedding_gram_reference,
+    embedding_linear_cross,
+)
 from .ghost import ghost_gram, ghost_gram_blocked, ghost_gram_per_output, ghost_gram_reference
-from .materialized import materialized_gram, materialized_gram_reference
+from .materialized import grad_slice, materialized_gram, materialized_gram_reference
 from .syrk import SYRK_BLOCK, gram_upper, gram_upper_reference
 
 __all__ = [
     "SYRK_BLOCK",
+    "embedding_grad_slice",
     "embedding_gram",
     "embedding_gram_blocked",
     "embedding_gram_reference",
@@ -22,6 +29,7 @@ __all__ = [
     "ghost_gram_blocked",
     "ghost_gram_per_output",
     "ghost_gram_reference",
+    "grad_slice",
     "gram_upper",
     "gram_upper_reference",
     "materialized_gram",

@@ -18,7 +18,8 @@ import torch
 from ._common import check_tokens, chunk_size, mirror_upper
 from .blocked import TOKEN_PAIR_BUDGET, token_pair_gram
 
-__all__ = ["embedding_gram", "embedding_gram_blocked", "embedding_gram_reference", "embedding_linear_cross"]
+__all__ = ["embedding_grad_slice", "embedding_gram", "embedding_gram_blocked", "embedding_gram_reference",
+           "embedding_linear_cross"]
 
 _REFERENCE_BUDGET = 1 << 25
 
@@ -135,6 +136,15 @@ def _by_token_blocks(tok1, D1, tok2, D2, side: int, budget: int | None) -> torch
                                   D2[:, b : b + side], budget=budget)
             out = part if out is None else out.add_(part)
     return out
+
+
+def embedding_grad_slice(tok: torch.Tensor, D: torch.Tensor, r0: int, r1: int) -> torch.Tensor:
+    """Per-sample gradients of embedding rows r0:r1, G_i[v] = sum_t [tok_it == v] D_it, flattened row-major:
+    (m, (r1 - r0) d) in D's dtype (fp32 accumulation for 16-bit D). tok (m, T) ids, D (m, T, d)."""
+    check_tokens("tok", tok, "D", D)
+    onehot = (tok[:, None, :] == torch.arange(r0, r1, device=tok.device)[None, :, None])  # (m, r, T)
+    acc = D.dtype if D.dtype in (torch.float32, torch.float64) else torch.float32
+    return torch.bmm(onehot.to(acc), D.to(acc)).to(D.dtype).flatten(1)
 
 
 def embedding_linear_cross(

@@ -16,7 +16,8 @@ import torch
 from ._common import bmm_fp32, check_linear_pair, common_float_dtype, mirror_upper, mm_fp32
 from .syrk import SYRK_BLOCK, gram_upper
 
-__all__ = ["gram_split_k", "materialized_gram", "materialized_gram_reference", "slice_rows", "split_k_pieces"]
+__all__ = ["grad_slice", "gram_split_k", "materialized_gram", "materialized_gram_reference", "slice_rows",
+           "split_k_pieces"]
 
 # Elements of per-sample gradient slices held at once (both sides), ~1 GiB in fp32.
 DEFAULT_BUDGET = 1 << 28
@@ -38,8 +39,9 @@ def materialized_gram_reference(
     return G1 @ G2.T
 
 
-def _slice_grads(X: torch.Tensor, D: torch.Tensor, b0: int, b1: int, keep: torch.dtype) -> torch.Tensor:
-    """Per-sample gradients of weight rows b0:b1, flattened: (m, (b1 - b0) a)."""
+def grad_slice(X: torch.Tensor, D: torch.Tensor, b0: int, b1: int, keep: torch.dtype) -> torch.Tensor:
+    """Per-sample gradients D_i^T X_i of weight rows b0:b1, flattened row-major: (m, (b1 - b0) a), in `keep`
+    (X (m, T, a), D (m, T, b); fp32 accumulation)."""
     Dt = D[:, :, b0:b1].transpose(1, 2)
     if keep in (torch.bfloat16, torch.float16):  # GEMMs accumulate in fp32 and round once to `keep`
         return torch.bmm(Dt, X).flatten(1)
@@ -122,8 +124,8 @@ def materialized_gram(
     out = None
     for b0 in range(0, b, step):
         b1 = min(b, b0 + step)
-        G1 = _slice_grads(X1, D1, b0, b1, dtype)
-        G2 = G1 if same else _slice_grads(X2, D2, b0, b1, dtype)
+        G1 = grad_slice(X1, D1, b0, b1, dtype)
+        G2 = G1 if same else grad_slice(X2, D2, b0, b1, dtype)
         if same and m1 > syrk_block:
             part = gram_upper(G1, syrk_block).to(out_dtype)
         else:

@@ -7,6 +7,7 @@ One ntk() call, file by file:
   plan       layer groups x sample blocks x capture mode that fit the memory budget at the fewest passes
   tiles      per group and tile: capture (capture.py, blocks.py, recorder.py) then contract (contract.py)
   graphs     small Grams repeated with inputs of one shape: the tiles' kernels replayed from a CUDA graph
+  variants   kernels of other optimizers (SignGD, Adam-preconditioned): per-parameter materialized Grams
   reference  per-sample gradients of the whole model, for parameters the layer algebra does not cover
 """
 
@@ -20,7 +21,10 @@ from .precision import PRECISIONS
 from .spec import Spec
 from .stats import Stats
 from .structure import Chain, Structure
+from .variants import KERNELS, Variant, adam, signgd
 
-__all__ = ["CostModel", "Chain", "NTKError", "PRECISIONS", "Plan", "STRATEGIES", "Sizes", "Spec", "Stats",
-           "Structure", "choose_form", "clear_cache", "default_budget", "label_words", "last_blocks", "layer_structure",
-           "ntk", "ntk_fn", "plan", "plan_gram", "select_params"]
+__all__ = [
+    "adam", "Chain", "choose_form", "clear_cache", "CostModel", "default_budget", "KERNELS", "label_words",
+    "last_blocks", "layer_structure", "ntk", "ntk_fn", "NTKError", "Plan", "plan", "plan_gram", "PRECISIONS",
+    "select_params", "signgd", "Sizes", "Spec", "Stats", "STRATEGIES", "Structure", "Variant"
+]

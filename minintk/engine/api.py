@@ -24,6 +24,7 @@ from .spec import Spec
 from .stats import Stats
 from .structure import Structure
 from .tiles import gram
+from .variants import Variant, as_variant, weights
 
 
 def ntk(
@@ -44,6 +45,7 @@ def ntk(
     stats: Stats | None = None,
     cost: CostModel = DEFAULT_COST,
     cuda_graph: bool | str = "auto",
+    kernel: str | Variant = "sgd",
 ) -> torch.Tensor:
     """Empirical NTK Gram K[i, j] = J(x_i) J(x2_j)^T of `model` at its current parameters (docs/theory.md s. 2).
 
@@ -64,6 +66,10 @@ def ntk(
     from a CUDA graph of their kernels (engine/graphs.py: exact, for a call repeated with inputs of one shape on
     an unchanged model); "auto" records it on the second such call when its working set is under 1/8 of the
     device's memory (which the graph then keeps), True on the first whatever its size, False never.
+    kernel: "sgd" (the eNTK), "signgd" (<g(x_i), sign(g(x2_j))>, asymmetric) or adam(second_moment, eps)
+    (<g(x_i), g(x2_j) / (sqrt(v) + eps)>): the kernels of other optimizers (engine/variants.py, docs/theory.md
+    s. 2.7), formed per parameter in the materialized form; parameters the probe routes to the reference path
+    need strategy="func" or "loop" with them.
     Raises NTKError for bad inputs or settings, naming what to change.
     """
     if precision not in PRECISIONS:
@@ -75,18 +81,24 @@ def ntk(
     if trace and diagonal:
         raise NTKError("trace=True and diagonal=True exclude each other: trace -> (n, n2), diagonal -> (n, n2, C)")
     outputs = "trace" if trace else "diagonal" if diagonal else "full"
+    variant = as_variant(kernel)
     model, selected, X, X2 = prepare(model, X, X2, params, precision)
+    if variant is not None and not variant.symmetric and X2 is None:
+        X2 = X  # an asymmetric kernel: every tile, as a cross kernel of X with itself
     n = n_samples(X)
     n2 = n if X2 is None else n_samples(X2)
-    spec = Spec(model, output, tuple(selected), precision, next(model.parameters()).device,
-                "full" if strategy in ("loop", "func") else outputs)
+    device = next(model.parameters()).device
+    whole = strategy in ("loop", "func") or variant is not None  # the full kernel, reduced below
+    spec = Spec(model, output, tuple(selected), precision, device, "full" if whole else outputs, variant=variant,
+                weights=None if variant is None else weights(variant, selected, device, torch.float64))
     with _engine_mode(spec):
         if strategy in ("loop", "func"):
             K, C, scalar = reference_gram(spec, X, X2, n, n2, strategy, progress)
-            K = _outputs_of_full(K, n, n2, C, outputs)
         else:
             K, C, scalar = _layerwise(spec, X, X2, n, n2, strategy, max_memory, block_size, stats, progress, cost,
                                       cuda_graph)
+    if whole:
+        K = _outputs_of_full(K, n, n2, C, outputs)
     if outputs == "full":
         K = K.reshape(n, C, n2, C).permute(0, 2, 1, 3)
         K = K[:, :, 0, 0] if scalar else K
@@ -106,6 +118,10 @@ def _layerwise(spec: Spec, X: Inputs, X2: Inputs | None, n: int, n2: int, strate
     p = plan_gram(st, _sizes(spec, n, n2, X2 is None, budget, block_size, cost), cost)
     if stats is not None:
         stats.plan = p
+    if spec.variant is not None and st.fallback:
+        raise NTKError(f"kernel {spec.variant.name!r}: parameters {[n for n, _ in st.fallback][:6]} go to the "
+                       "reference path (per-sample gradients of the whole model); pass strategy='func' (or 'loop'), "
+                       "or leave them out of params=")
     K = None
     if eligible(spec, st, p, cuda_graph):
         t0 = time.perf_counter()

@@ -48,7 +48,8 @@ def eligible(spec: Spec, st: Structure, p: Plan, mode) -> bool:
     """Whether a call may be graphed: on CUDA, one layer group and one sample tile, no segmented plan, nothing on
     the reference path; for mode "auto" also a working set below 1/8 of the device's memory (a graph keeps its
     memory between calls)."""
-    if mode is False or spec.device.type != "cuda" or st.fallback or p.segmented or len(p.groups) != 1:
+    if mode is False or spec.device.type != "cuda" or st.fallback or p.segmented or len(p.groups) != 1 \
+            or spec.variant is not None:
         return False
     if p.block < max(p.n, p.n2):
         return False

@@ -13,6 +13,7 @@ from .inputs import Inputs, rows
 from .outputs import call, call_functional
 from .precision import forward_mode
 from .spec import Spec
+from .variants import reference_columns
 
 
 def loop_jacobian(spec: Spec, X: Inputs, lo: int, hi: int, named, progress: bool = False) -> torch.Tensor:
@@ -31,6 +32,7 @@ def loop_jacobian(spec: Spec, X: Inputs, lo: int, hi: int, named, progress: bool
 def func_jacobian(spec: Spec, X: Inputs, lo: int, hi: int, named, chunk: int) -> torch.Tensor:
     """Per-sample gradients (m C, P) of the parameters `named` via torch.func (vmap of jacrev), in chunks."""
     from torch.func import jacrev, vmap
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     names = [n for n, _ in named]
     fixed = {n: p.detach() for n, p in spec.model.named_parameters()}
@@ -43,7 +45,8 @@ def func_jacobian(spec: Spec, X: Inputs, lo: int, hi: int, named, chunk: int) ->
     out = []
     ps = {n: p.detach() for n, p in named}
     for a in range(lo, hi, chunk):
-        with forward_mode(spec.precision, spec.device):
+        # attention's math kernel: vmap has batching rules for its ops, not for the fused kernels
+        with forward_mode(spec.precision, spec.device), sdpa_kernel(SDPBackend.MATH):
             jac = vmap(jacrev(f_one), in_dims=(None, 0))(ps, rows(X, a, min(hi, a + chunk), spec.device))
         out.append(torch.cat([jac[n].reshape(jac[n].shape[0] * jac[n].shape[1], -1) for n in names], 1))
     return torch.cat(out)
@@ -92,6 +95,8 @@ def reference_gram(spec: Spec, X: Inputs, X2: Inputs | None, n: int, n2: int, st
 
     J = jac(X, n)
     J2 = J if X2 is None else jac(X2, n2)
+    if spec.variant is not None:  # another optimizer's kernel: phi on the second argument's gradients
+        J2 = reference_columns(spec.variant, J2, spec.selected, spec.weights)
     acc = torch.float64 if spec.precision == "fp64" else torch.float32
     K = (J.to(acc) @ J2.to(acc).T).double()
     return K, 1 if probe.dim() == 1 else probe.shape[1], probe.dim() == 1

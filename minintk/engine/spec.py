@@ -27,6 +27,9 @@ class Spec:
     # captured into a CUDA graph (graphs.py): no host syncs and no shapes that depend on the data, so time steps
     # without gradient are kept (exact: they add zeros) and f's finiteness is checked on K after each replay
     graph: bool = False
+    # a kernel other than the eNTK (variants.py: SignGD, Adam-preconditioned) and its weights by parameter
+    variant: object = None
+    weights: object = None
 
 
     @property

@@ -17,6 +17,7 @@ from .reference import FallbackJacobian
 from .spec import Spec
 from .stats import Stats
 from .structure import Structure
+from .variants import contract_variant
 
 
 def gram(spec: Spec, st: Structure, plan: Plan, X: Inputs, X2: Inputs | None, *, strategy: str = "auto",
@@ -59,7 +60,9 @@ def gram(spec: Spec, st: Structure, plan: Plan, X: Inputs, X2: Inputs | None, *,
                 same = symmetric and i == j
                 cJ = cI if same else capture(spec, st, XJ, c, d, uses, grads=gJ, hidden=hJ, **opts)
                 clock.tick("capture")
-                tile = contract(uses, cI, cJ, same, ws, strategy, stats, spec.device, spec.outputs, C)
+                tile = (contract(uses, cI, cJ, same, ws, strategy, stats, spec.device, spec.outputs, C)
+                        if spec.variant is None else
+                        contract_variant(spec.variant, uses, cI, cJ, spec.weights, ws.mat_elems))
                 clock.tick("contract")
                 if tile is not None:
                     K[a * k : b * k, c * k : d * k] += tile
