@@ -40,12 +40,13 @@ def gram(spec: Spec, st: Structure, plan: Plan, X: Inputs, X2: Inputs | None, *,
         print(plan, file=sys.stderr)
     bar = _bar(total, show)
     XJ = X if symmetric else X2
+    own = XJ is X  # an asymmetric kernel of X with itself: a tile's column block is captured once, as its row
     clock = _Clock(stats, spec.device, start)
     clock.tick("setup")
     gI = gJ = hI = hJ = None
     if plan.segmented:
         gI, hI = boundary_grads(spec, st, X, plan.n, plan.boundaries, plan.chunk, plan.starts, plan.host_cache)
-        gJ, hJ = (gI, hI) if symmetric else boundary_grads(spec, st, X2, plan.n2, plan.boundaries, plan.chunk,
+        gJ, hJ = (gI, hI) if own else boundary_grads(spec, st, X2, plan.n2, plan.boundaries, plan.chunk,
                                                             plan.starts, plan.host_cache)
         clock.tick("boundary")
     opts = dict(chunk=plan.chunk, graph_budget=plan.graph_budget, margin=cost.graph_margin)
@@ -58,7 +59,8 @@ def gram(spec: Spec, st: Structure, plan: Plan, X: Inputs, X2: Inputs | None, *,
                 if symmetric and j < i:
                     continue
                 same = symmetric and i == j
-                cJ = cI if same else capture(spec, st, XJ, c, d, uses, grads=gJ, hidden=hJ, **opts)
+                cJ = cI if own and (c, d) == (a, b) else capture(spec, st, XJ, c, d, uses, grads=gJ, hidden=hJ,
+                                                                 **opts)
                 clock.tick("capture")
                 tile = (contract(uses, cI, cJ, same, ws, strategy, stats, spec.device, spec.outputs, C)
                         if spec.variant is None else
