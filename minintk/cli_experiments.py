@@ -12,8 +12,11 @@ from .cli_reports import report_dir
 
 def add_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
     """`minintk width-scan` and `minintk paper`; add(name, help=...) makes a subcommand's parser."""
+    from .agreement_run import add_parser as add_agree
+
     _add_width_scan(add)
     _add_paper(add)
+    add_agree(add)
 
 
 def _add_width_scan(add: Callable[..., argparse.ArgumentParser]) -> None:

@@ -46,3 +46,11 @@ def test_cli_renders_exports_and_explains_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("MININTK_DATA", raising=False)
     assert main(["paper", "--export-data", str(tmp_path / "copy")]) == 0
     assert (tmp_path / "copy" / "kjv.jsonl").read_text() == (data / "kjv.jsonl").read_text()
+
+
+def test_agree_refuses_regression_tasks(capsys):
+    from minintk.cli import main
+
+    assert main(["agree", "--tasks", "vader", "afinn-sign", "--out", "/nonexistent/agree"]) == 2
+    err = capsys.readouterr().err
+    assert "['vader'] are regression tasks" in err and "vader-sign" in err
