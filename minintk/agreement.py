@@ -68,7 +68,7 @@ def run_one(model: nn.Module, gram: Callable, Xtr: torch.Tensor, ytr: np.ndarray
     K, Kx = gram(Xtr, None, "sgd"), gram(Xte, Xtr, "sgd")
     S, Sx = gram(Xtr, None, "signgd"), gram(Xte, Xtr, "signgd")
     with torch.no_grad():
-        f0tr, f0te = model(Xtr).double().numpy(), model(Xte).double().numpy()
+        f0tr, f0te = model(Xtr).double().cpu().numpy(), model(Xte).double().cpu().numpy()
     alpha = default_step(eigenvalues(K).mu)
     y = torch.from_numpy(ytr).to(Xtr.device, torch.float64)
     yt = torch.from_numpy(yte).to(Xtr.device, torch.float64)
