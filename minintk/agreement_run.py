@@ -20,7 +20,7 @@ def run(out: Path, cfg: AgreeConfig, *, preset: str = "quick", tasks=("vader-sig
         device: str = "cpu", data_dir: str | None = None, cache_dir: str | None = None, model: str | None = None,
         pretrain_steps: int | None = None) -> dict:
     """Every (task, seed) row into out/results.json, report.md and agreement.png; returns the summary."""
-    from .data import DataError, load_task
+    from .data import DataError, task_kind
     from .engine import ntk
     from .paper_config import config
     from .paper_model import build_model
@@ -28,7 +28,7 @@ def run(out: Path, cfg: AgreeConfig, *, preset: str = "quick", tasks=("vader-sig
     from .paper_results import Run
 
     t0 = time.perf_counter()
-    regression = [t for t in tasks if load_task(t, data_dir).kind != "classification"]
+    regression = [t for t in tasks if task_kind(t) != "classification"]
     if regression:
         raise DataError(f"minintk agree compares classifiers: {regression} are regression tasks; use classification "
                         "tasks such as vader-sign, vader-agreed-sign, afinn-sign")

@@ -229,6 +229,15 @@ def _offline(name: str, data_dir) -> Task:
 OFFLINE_TASKS = ("vader", "vader-agreed", "afinn", "vader-sign", "vader-agreed-sign", "afinn-sign")
 
 
+def task_kind(name: str) -> str:
+    """"regression" or "classification" of a task by name, without loading it; DataError for an unknown name."""
+    if name in OFFLINE_TASKS:
+        return "classification" if name.endswith("-sign") else "regression"
+    if name in HUB_TASKS:
+        return HUB_TASKS[name].kind
+    raise DataError(f"unknown task {name!r}; known: {', '.join(OFFLINE_TASKS + tuple(HUB_TASKS))}")
+
+
 # -------------------------------------------------------------------------------------------------- online tasks
 
 

@@ -80,6 +80,16 @@ def test_offline_tasks_from_a_data_dir(tmp_path):
     assert sign.prompts([0]) == ["Word: abandon\nSentiment:"] and sign.y[0] == 0
 
 
+def test_task_kind_is_the_loaded_tasks_kind(tmp_path):
+    from minintk.data import OFFLINE_TASKS, DataError, task_kind
+
+    folder = write_offline(tmp_path, n_extra=40)
+    assert all(task_kind(t) == load_task(t, folder).kind for t in OFFLINE_TASKS)
+    assert task_kind("rte") == "classification" and task_kind("stsb") == "regression"
+    with pytest.raises(DataError, match="unknown task 'sst7'"):
+        task_kind("sst7")
+
+
 def test_missing_files_say_what_to_do(tmp_path):
     with pytest.raises(DataError, match="export-data"):
         load_task("vader", tmp_path)
