@@ -21,7 +21,6 @@ def run(out: Path, cfg: AgreeConfig, *, preset: str = "quick", tasks=("vader-sig
         pretrain_steps: int | None = None) -> dict:
     """Every (task, seed) row into out/results.json, report.md and agreement.png; returns the summary."""
     from .data import DataError, task_kind
-    from .engine import ntk
     from .paper_config import config
     from .paper_model import build_model
     from .paper_phases import setup_tasks
@@ -36,30 +35,7 @@ def run(out: Path, cfg: AgreeConfig, *, preset: str = "quick", tasks=("vader-sig
                 model=model, pretrain_steps=pretrain_steps)
     r = Run(pc, out)
     base, tok, rec = build_model(r)
-    rows = []
-    for name, ts in setup_tasks(r, base, tok).items():
-        if ts.task.kind != "classification":
-            continue
-        model = copy.deepcopy(ts.model).double().eval()
-
-        def gram(A, B, kernel, body=model.model):
-            def unpack(Z):
-                return {"idx": Z[:, 0], "attention_mask": Z[:, 1]}
-
-            K = ntk(body, unpack(A), None if B is None else unpack(B), precision="fp64", kernel=kernel,
-                    progress=False)
-            return K.cpu().numpy()
-
-        pool, test = ts.X["pool"].to(device), ts.X["test"][: cfg.n_test].to(device)
-        y_pool = 2.0 * ts.task.y[ts.split.train] - 1.0
-        y_test = 2.0 * ts.task.y[ts.split.test][: cfg.n_test] - 1.0
-        for seed in range(cfg.seeds):
-            idx = np.random.default_rng(seed).choice(pool.shape[0], cfg.n_train, replace=False)
-            row = run_one(model, gram, pool[idx], y_pool[idx], test, y_test, cfg, seed)
-            rows.append(dict(task=name, **row))
-            print(f"  {name} seed {seed}: accuracy GD net {row['acc']['sgd_net']:.2f} / its kernel "
-                  f"{row['acc']['sgd_kernel']:.2f}, Adam net {row['acc']['adam_net']:.2f} / SignGD kernel "
-                  f"{row['acc']['signgd_ridge']:.2f}", flush=True)
+    rows = [row for name, ts in setup_tasks(r, base, tok).items() for row in _task_rows(name, ts, cfg, device)]
     summary = summarize(rows)
     setup = (f"Model: the paper pipeline's `{preset}` decoder ({rec.get('source', 'pretrained here')}; "
              f"{sum(p.numel() for p in base.parameters()):,} parameters), fp64, on the offline tasks {list(tasks)} "
@@ -70,6 +46,35 @@ def run(out: Path, cfg: AgreeConfig, *, preset: str = "quick", tasks=("vader-sig
     plot(summary, out / "agreement.png")
     (out / "report.md").write_text(markdown(rows, summary, cfg, setup))
     return summary
+
+
+def _task_rows(name: str, ts, cfg: AgreeConfig, device: str) -> list[dict]:
+    """run_one for each seed on one classification task (paper_phases.TaskSetup): fp64 copy of its task model,
+    training sets drawn from its pool, the first n_test test inputs, classes as +-1."""
+    from .engine import ntk
+
+    model = copy.deepcopy(ts.model).double().eval()
+
+    def gram(A, B, kernel):
+        def unpack(Z):
+            return {"idx": Z[:, 0], "attention_mask": Z[:, 1]}
+
+        K = ntk(model.model, unpack(A), None if B is None else unpack(B), precision="fp64", kernel=kernel,
+                progress=False)
+        return K.cpu().numpy()
+
+    pool, test = ts.X["pool"].to(device), ts.X["test"][: cfg.n_test].to(device)
+    y_pool = 2.0 * ts.task.y[ts.split.train] - 1.0
+    y_test = 2.0 * ts.task.y[ts.split.test][: cfg.n_test] - 1.0
+    rows = []
+    for seed in range(cfg.seeds):
+        idx = np.random.default_rng(seed).choice(pool.shape[0], cfg.n_train, replace=False)
+        row = run_one(model, gram, pool[idx], y_pool[idx], test, y_test, cfg, seed)
+        rows.append(dict(task=name, **row))
+        print(f"  {name} seed {seed}: accuracy GD net {row['acc']['sgd_net']:.2f} / its kernel "
+              f"{row['acc']['sgd_kernel']:.2f}, Adam net {row['acc']['adam_net']:.2f} / SignGD kernel "
+              f"{row['acc']['signgd_ridge']:.2f}", flush=True)
+    return rows
 
 
 def add_parser(add) -> None:
