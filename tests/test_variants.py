@@ -95,7 +95,8 @@ def test_reference_strategies_take_the_variant_too():
                    layerwise) <= 1e-12
 
 
-def test_transformers_gpt_neo(tiny_gpt_neo):
+@pytest.mark.parametrize("precision, tol", [("fp64", 1e-10), ("fp32", 1e-5)])
+def test_transformers_gpt_neo(tiny_gpt_neo, precision, tol):
     _, hf = tiny_gpt_neo
     hf = hf.double()
     out = label_words([3, 7], diff=True)
@@ -104,11 +105,13 @@ def test_transformers_gpt_neo(tiny_gpt_neo):
     X["attention_mask"][:2, :3] = 0  # left padding
     names = [n for n, p in hf.named_parameters() if p.requires_grad]
     J = jacobian(hf, X, out, names)
-    got = ntk(hf, X, output=out, precision="fp64", kernel="signgd", progress=False)
-    assert rel(got, J @ torch.sign(J).T) <= 1e-10
+    model = hf if precision == "fp64" else hf.float()
+    got = ntk(model, X, output=out, precision=precision, kernel="signgd", progress=False)
+    assert rel(got, J @ torch.sign(J).T) <= tol
 
 
-def test_peft_lora_adapters_and_a_frozen_backbone_head(tiny_gpt_neo):
+@pytest.mark.parametrize("precision, tol", [("fp64", 1e-10), ("fp32", 1e-5)])
+def test_peft_lora_adapters_and_a_frozen_backbone_head(tiny_gpt_neo, precision, tol):
     """LoRA adapters are Linear modules inside peft's wrapper: the kernel of the adapters alone (the default
     selection: the parameters that require grad) and, of a frozen backbone, the kernel of one head parameter."""
     peft = pytest.importorskip("peft")
@@ -120,13 +123,14 @@ def test_peft_lora_adapters_and_a_frozen_backbone_head(tiny_gpt_neo):
     names = [n for n, _ in select_params(lora)]
     assert names and all("lora_" in n for n in names)
     J = jacobian(lora, X, out, names)
-    for kernel, J2 in (("sgd", J), ("signgd", torch.sign(J))):
-        got = ntk(lora, X, output=out, precision="fp64", kernel=kernel, progress=False)
-        assert rel(got, full_layout(J, J2, 2)) <= 1e-10, kernel
     head = [n for n, _ in lora.named_parameters() if n.endswith("ln_f.weight")]
     Jh = jacobian(lora, X, out, head)
-    got = ntk(lora, X, output=out, params=head, precision="fp64", kernel="signgd", progress=False)
-    assert rel(got, full_layout(Jh, torch.sign(Jh), 2)) <= 1e-10
+    model = lora if precision == "fp64" else lora.float()
+    for kernel, J2 in (("sgd", J), ("signgd", torch.sign(J))):
+        got = ntk(model, X, output=out, precision=precision, kernel=kernel, progress=False)
+        assert rel(got, full_layout(J, J2, 2)) <= tol, kernel
+    got = ntk(model, X, output=out, params=head, precision=precision, kernel="signgd", progress=False)
+    assert rel(got, full_layout(Jh, torch.sign(Jh), 2)) <= tol
 
 
 class _OutsideRead(nn.Module):
