@@ -162,3 +162,20 @@ def test_errors_name_the_setting():
     K = ntk(_OutsideRead().double(), torch.randint(0, 11, (3, 5)), precision="fp64", kernel="signgd",
             strategy="func", progress=False)
     assert K.shape == (3, 3)
+
+
+@pytest.mark.parametrize("kernel", ["signgd", "adam"])
+def test_many_tiles_and_layer_groups_assemble_the_same_kernel(kernel):
+    """Sample tiles of 2 and a budget that splits the layers into groups: every tile of the asymmetric SignGD
+    kernel is computed (none mirrored), and the Adam kernel's mirrored tiles are its own."""
+    from minintk.engine import plan
+
+    m = decoder()
+    X = torch.randint(0, 31, (7, 6), generator=torch.Generator().manual_seed(8))
+    names = [n for n, _ in m.named_parameters()]
+    var = "signgd" if kernel == "signgd" else adam(moments(m, names))
+    whole = ntk(m, X, precision="fp64", kernel=var, progress=False)
+    budget = next(b for b in (int(4e6 * 0.8**k) for k in range(40))
+                  if len(plan(m, X, X, precision="fp64", max_memory=b, block_size=2).groups) > 1)
+    tiled = ntk(m, X, precision="fp64", kernel=var, block_size=2, max_memory=budget, progress=False)
+    assert rel(tiled, whole) <= 1e-12
