@@ -125,8 +125,9 @@ def _layerwise(spec: Spec, X: Inputs, X2: Inputs | None, n: int, n2: int, strate
     K = None
     if eligible(spec, st, p, cuda_graph):
         t0 = time.perf_counter()
-        K, phase = graphed_gram(spec, st, p, X, X2, cuda_graph, (strategy, cost, block_size, max_memory),
-                                lambda g, a, b: gram(g, st, p, a, b, strategy=strategy, cost=cost))
+        with torch.cuda.device(spec.device):  # graphs are captured and replayed on the current device's streams
+            K, phase = graphed_gram(spec, st, p, X, X2, cuda_graph, (strategy, cost, block_size, max_memory),
+                                    lambda g, a, b: gram(g, st, p, a, b, strategy=strategy, cost=cost))
         if K is not None and stats is not None:
             stats.tick(phase, t0, spec.device)
     if K is None:
