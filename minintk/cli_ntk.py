@@ -28,6 +28,8 @@ def add_parsers(add: Callable[..., argparse.ArgumentParser]) -> None:
                        "if available")
     tiles.add_argument("--max-memory", default=None, help="bytes for one tile's working set, e.g. 40GiB")
     tiles.add_argument("--params", default=None, help="comma-separated glob patterns of the parameters (default all)")
+    tiles.add_argument("--kernel", default="sgd", help="sgd (the eNTK) | signgd (<g(x), sign(g(x'))>, every tile "
+                       "computed); Adam kernels need their second moments: use minintk.ntk(kernel=adam(v))")
     tiles.add_argument("--seed", type=int, default=0, help="seed of a built-in model's random weights")
     tiles.add_argument("--overwrite", action="store_true", help="delete the folder's tiles of another run first")
     tiles.add_argument("--status", metavar="OUT", help="report the progress of the folder OUT and exit")
@@ -63,7 +65,7 @@ def _cmd_ntk(args: argparse.Namespace) -> int:
             X = sources.load_tokens(args.data, model.cfg.vocab_size)
         pats = [p for p in args.params.split(",") if p] if args.params else None
         tiled_ntk(model, X, args.out, tile=args.tile, precision=args.precision, params=pats,
-                  max_memory=sources.parse_bytes(args.max_memory), overwrite=args.overwrite)
+                  max_memory=sources.parse_bytes(args.max_memory), overwrite=args.overwrite, kernel=args.kernel)
         if is_rank0():
             print(f"minintk ntk: {args.model} on {args.text or args.data}\n{format_status(status(args.out))}")
     return 0

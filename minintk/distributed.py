@@ -31,6 +31,7 @@ from .tilefolder import (
     Tile,
     TileRunError,
     assemble,
+    asymmetric,
     begin_launch,
     end_launch,
     fingerprint_data,
@@ -108,7 +109,10 @@ def _device_name(device: torch.device) -> str:
 # ----------------------------------------------------------------------------------------------- the run
 
 
-def _settings(tile: int, precision: str, params, output, output_name: str | None) -> dict:
+def _settings(tile: int, precision: str, params, output, output_name: str | None, kernel: str = "sgd") -> dict:
+    if kernel not in ("sgd", "signgd"):
+        raise TileRunError(f"kernel {kernel!r}: a tiled run takes 'sgd' or 'signgd' (an Adam kernel's second "
+                           "moments are not part of its fingerprint: call ntk(..., kernel=adam(v)) instead)")
     if precision not in PRECISIONS:
         raise TileRunError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
     if not (params is None or isinstance(params, str) or (isinstance(params, (list, tuple)) and params
@@ -124,6 +128,7 @@ def _settings(tile: int, precision: str, params, output, output_name: str | None
         "params": params if params is None or isinstance(params, str) else list(params),
         "output": output_name if output is not None else "model output",
         "tile": tile,
+        **({"kernel": kernel} if kernel != "sgd" else {}),  # eNTK runs keep their earlier fingerprint
     }
 
 
@@ -147,6 +152,7 @@ def tiled_ntk(
     max_memory: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    kernel: str = "sgd",
 ) -> torch.Tensor | None:
     """The Gram ntk(model, X) (n, n), or (n, n, C, C), computed tile by tile into the folder `out`, resumably.
 
@@ -157,13 +163,14 @@ def tiled_ntk(
     max_memory: bytes for one tile's working set (default minintk.engine.default_budget: 90% of the free GPU
     memory, the smallest over ranks). Under NCCL, call torch.cuda.set_device(local_rank) first (process_group does).
     Returns K on rank 0 (fp64 for precision="fp64", else fp32), also saved as out/gram.safetensors; None on the
-    other ranks. Raises TileRunError for bad settings, another run's folder, or ranks that disagree.
+    other ranks. kernel: "sgd" (the eNTK) or "signgd" (asymmetric: every tile, none mirrored). Raises
+    TileRunError for bad settings, another run's folder, or ranks that disagree.
     """
     out = Path(out)
     rank, world = _rank_world()
     n = num_samples(X)
-    grid = tile_grid(n, tile)
-    settings = _settings(tile, precision, params, output, output_name)
+    settings = _settings(tile, precision, params, output, output_name, kernel)
+    grid = tile_grid(n, tile, full=asymmetric(settings))
     device = next(model.parameters()).device
     fingerprints = {"model": fingerprint_model(model), "data": fingerprint_data(X), "settings": json_digest(settings)}
     views = _all_gather({"fingerprints": fingerprints, "budget": max_memory or default_budget(device)})
@@ -190,7 +197,7 @@ def tiled_ntk(
     key = run_key(fingerprints)
     for t in mine:
         start = time.perf_counter()
-        K = _compute(model, X, t, budget, precision=precision, params=params, output=output)
+        K = _compute(model, X, t, budget, precision=precision, params=params, output=output, kernel=kernel)
         write_tile(out, t, K, run=key, launch=launch, rank=rank, world_size=world,
                    seconds=time.perf_counter() - start)
         bar.update(1)

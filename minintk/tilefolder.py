@@ -1,6 +1,7 @@
 """The result folder of a tiled NTK Gram: its tiles, their checksums, the run's fingerprints, its progress.
 
-The symmetric Gram K (n, n) is cut into tiles of `tile` samples; only the upper triangle (i <= j) is stored. A tile
+The Gram K (n, n) is cut into tiles of `tile` samples; of a symmetric one only the upper triangle (i <= j) is
+stored, of an asymmetric one (settings "kernel": "signgd") every tile. A tile
 counts as done once its file and its JSON sidecar (holding the file's sha256) are both in place; the manifest holds
 the fingerprints of the model, the data and the settings, so that a restart skips the finished, intact tiles and
 refuses a folder of another model, data or setting. Which rank computes which tile is distributed.py's business.
@@ -41,7 +42,7 @@ class TileRunError(ValueError):
 
 @dataclass(frozen=True)
 class Tile:
-    """Block (i, j), i <= j, of the Gram: rows a:b and columns c:d, in samples."""
+    """Block (i, j) of the Gram (i <= j for a symmetric one): rows a:b and columns c:d, in samples."""
 
     i: int
     j: int
@@ -64,12 +65,24 @@ class Tile:
         return 1 if self.diagonal else 2
 
 
-def tile_grid(n: int, tile: int) -> list[Tile]:
-    """The upper-triangle tiles (i <= j) of an (n, n) Gram cut into blocks of `tile` samples, row-major."""
+def tile_grid(n: int, tile: int, full: bool = False) -> list[Tile]:
+    """The upper-triangle tiles (i <= j; every tile if full, for an asymmetric kernel) of an (n, n) Gram cut into
+    blocks of `tile` samples, row-major."""
     if not (isinstance(tile, int) and tile >= 1):
         raise TileRunError(f"tile must be a positive number of samples, got {tile!r}")
     edges = [(a, min(n, a + tile)) for a in range(0, n, tile)]
-    return [Tile(i, j, *edges[i], *edges[j]) for i in range(len(edges)) for j in range(i, len(edges))]
+    return [Tile(i, j, *edges[i], *edges[j]) for i in range(len(edges))
+            for j in range(0 if full else i, len(edges))]
+
+
+def asymmetric(settings: Mapping) -> bool:
+    """Whether a run's kernel is asymmetric (every tile computed, none mirrored): the SignGD kernel."""
+    return settings.get("kernel", "sgd") == "signgd"
+
+
+def grid_of(m: Mapping) -> list[Tile]:
+    """The tiles of the run a manifest (or its record before the first launch) describes."""
+    return tile_grid(m["n"], m["tile"], full=asymmetric(m["settings"]))
 
 
 # ----------------------------------------------------------------------------------------------- fingerprints
@@ -151,7 +164,7 @@ def manifest(model: nn.Module, X: Inputs, settings: dict, tile: int, fingerprint
     n = num_samples(X)
     return {"format": FORMAT, "fingerprints": fingerprints, "model": _describe_model(model),
             "data": {"shapes": {k or "ids": list(t.shape) for k, t in _items(X)}}, "settings": settings, "n": n,
-            "tile": tile, "tiles_total": len(tile_grid(n, tile)), "launches": []}
+            "tile": tile, "tiles_total": len(tile_grid(n, tile, full=asymmetric(settings))), "launches": []}
 
 
 def run_key(fingerprints: dict) -> str:
@@ -272,7 +285,7 @@ def begin_launch(out: Path, record: dict, overwrite: bool, launch_info: dict) ->
     (out / "tiles").mkdir(parents=True, exist_ok=True)
     for p in (out / "tiles").glob("*.tmp-*"):  # left by a process killed mid-write
         p.unlink(missing_ok=True)
-    grid = tile_grid(record["n"], record["tile"])
+    grid = grid_of(record)
     done, stale = _scan(out, grid, run_key(record["fingerprints"]))
     launch = len(record["launches"]) + 1
     record["launches"].append(
@@ -315,7 +328,8 @@ def assemble(out: str | os.PathLike) -> torch.Tensor:
     m = read_manifest(out)
     key, n = run_key(m["fingerprints"]), m["n"]
     K, bad = None, {}
-    for t in tile_grid(n, m["tile"]):
+    mirror = not asymmetric(m["settings"])
+    for t in grid_of(m):
         why, _, data = _read_tile(out, t, key)
         if why:
             bad[t.name] = why
@@ -324,7 +338,7 @@ def assemble(out: str | os.PathLike) -> torch.Tensor:
         if K is None:
             K = torch.empty((n, n, *block.shape[2:]), dtype=block.dtype)
         K[t.a : t.b, t.c : t.d] = block
-        if not t.diagonal:  # K[j, i] = K[i, j]^T, outputs swapped too for a multi-output Gram
+        if mirror and not t.diagonal:  # K[j, i] = K[i, j]^T, outputs swapped too for a multi-output Gram
             K[t.c : t.d, t.a : t.b] = block.transpose(0, 1).transpose(2, 3) if block.dim() == 4 else block.T
     if bad:
         shown = ", ".join(f"{k} ({v})" for k, v in list(bad.items())[:6])
@@ -345,7 +359,7 @@ def status(out: str | os.PathLike) -> dict:
     out = Path(out)
     m = read_manifest(out)
     key = run_key(m["fingerprints"])
-    grid = tile_grid(m["n"], m["tile"])
+    grid = grid_of(m)
     sides = {}
     for t in grid:
         try:

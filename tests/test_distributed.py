@@ -140,6 +140,24 @@ def test_multi_output_masked_uneven_tiles_match_ntk(tmp_path):
     assert err < 1e-12, f"multi-output tiled Gram differs from ntk by {err:.2e}"
 
 
+def test_signgd_tiles_are_all_computed_none_mirrored(tmp_path):
+    """The asymmetric SignGD kernel: every tile (3 x 3 for blocks 3, 3, 1), assembled without mirroring, equals
+    one ntk call; the folder says its kernel, and an Adam kernel (moments outside the fingerprint) is refused."""
+    from minintk.tilefolder import TileRunError
+
+    model = load_model("tiny", (3, 7, 11), device="cpu", dtype=torch.float64)
+    X = torch.randint(0, 512, (7, 6), generator=torch.Generator().manual_seed(2))
+    K = tiled_ntk(model, X, tmp_path / "out", tile=3, precision="fp64", kernel="signgd", progress=False)
+    ref = ntk(model, X, precision="fp64", kernel="signgd", progress=False)
+    assert K.shape == ref.shape == (7, 7, 3, 3) and not torch.allclose(ref, ref.transpose(0, 1).transpose(2, 3))
+    err = ((K - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-12, f"tiled SignGD kernel differs from ntk by {err:.2e}"
+    st = status(tmp_path / "out")
+    assert st["tiles_total"] == st["tiles_done"] == 9 and st["settings"]["kernel"] == "signgd"
+    with pytest.raises(TileRunError, match="kernel 'adam': a tiled run takes 'sgd' or 'signgd'"):
+        tiled_ntk(model, X, tmp_path / "adam", tile=3, kernel="adam", progress=False)
+
+
 @pytest.mark.parametrize("n_blocks", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("world", [1, 2, 3, 4, 7])
 def test_assignment_is_a_balanced_deterministic_partition(n_blocks, world):
