@@ -115,7 +115,7 @@ def _layerwise(spec: Spec, X: Inputs, X2: Inputs | None, n: int, n2: int, strate
     graphs.eligible allows it."""
     budget = int(max_memory) if max_memory is not None else default_budget(spec.device)
     st = discover(spec, X, budget, margin=cost.graph_margin, progress=progress)
-    p = plan_gram(st, _sizes(spec, n, n2, X2 is None, budget, block_size, cost), cost)
+    p = plan_gram(st, _sizes(spec, n, n2, X2 is None, budget, block_size, cost, own=X2 is X), cost)
     if stats is not None:
         stats.plan = p
     if spec.variant is not None and st.fallback:
@@ -232,7 +232,7 @@ def _engine_mode(spec: Spec):
 
 
 def _sizes(spec: Spec, n: int, n2: int, symmetric: bool, budget: int, block_size: int | None,
-           cost: CostModel) -> Sizes:
+           cost: CostModel, own: bool = False) -> Sizes:
     host_ok = spec.device.type == "cuda" if cost.host_cache is None else cost.host_cache
     return Sizes(n, n2, symmetric, budget, block_size, spec.cap_dtype.itemsize, spec.precision, host_ok,
-                 host_memory_available(0) if host_ok else 0.0, spec.outputs)
+                 host_memory_available(0) if host_ok else 0.0, spec.outputs, own and not symmetric)

@@ -106,6 +106,7 @@ class Sizes:
     host_ok: bool = False
     host_bytes: float = 0.0
     outputs: str = "full"  # Spec.outputs: the full multi-output kernel keeps inputs per output, C^2 Gram flops
+    own: bool = False  # X2 is X under an asymmetric kernel: one boundary cache, diagonal tiles captured once
 
     @property
     def x_per_output(self) -> bool:
@@ -170,7 +171,7 @@ def _modes(st: Structure, sz: Sizes, cost: CostModel) -> list[tuple[str, bool]]:
 def evaluate(st: Structure, sz: Sizes, cost: CostModel, groups, mode: str, host: bool) -> Candidate | None:
     """The price of running `groups` in `mode`, at the largest sample block that fits; None if none fits."""
     cap = max(capture_bytes(g, sz.cap_itemsize, st.C, sz.x_per_output) for g in groups)
-    n_all = sz.n + (0 if sz.symmetric else sz.n2)
+    n_all = sz.n + (0 if sz.symmetric or sz.own else sz.n2)
     nmax = max(sz.n, sz.n2)
     E = S = ()
     cache, work, graph = 0.0, float(len(groups)), max(cost.graph_margin * st.graph_bytes, 1.0)
@@ -185,7 +186,7 @@ def evaluate(st: Structure, sz: Sizes, cost: CostModel, groups, mode: str, host:
         return None
     B, chunk, held, free = fit
     R = math.ceil(nmax / B)
-    captures = R + R * (R - 1) / 2 if sz.symmetric else R + R * R
+    captures = R + R * (R - 1) / 2 if sz.symmetric else R + R * (R - 1) if sz.own else R + R * R
     # the materialized form builds both blocks' per-sample gradients for every tile (2 B T P flops each, 1/3 of
     # a pass per n samples): R^2 block formations (symmetric), 2 R^2 (cross)
     forms = R * R * (1 if sz.symmetric else 2) * B / nmax / 3
@@ -220,7 +221,7 @@ def _block(sz: Sizes, cost: CostModel, cap: float, per_sample: float, on_device:
     B = nmax if sz.block_size is None else min(sz.block_size, nmax)
     while True:
         R = math.ceil(nmax / B)
-        held = cap * B * (1 if R == 1 and sz.symmetric else 2) + workspace
+        held = cap * B * (1 if R == 1 and (sz.symmetric or sz.own) else 2) + workspace
         free = cost.fill * sz.budget - held - on_device
         if segmented:
             chunk = int(free // per_sample)
