@@ -105,8 +105,15 @@ def _record(spec: Spec, X: Inputs, X2: Inputs | None, run) -> tuple[torch.Tensor
         return run(spec, X, X2), None
     torch.cuda.current_stream(spec.device).wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        Ks = run(g, Xs, X2s)
+    try:
+        with torch.cuda.graph(graph):
+            Ks = run(g, Xs, X2s)
+    except Exception as e:  # noqa: BLE001 - this call's K is already exact; the capture is an optimization
+        warnings.warn(f"minintk: recording this Gram as a CUDA graph failed ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0]}); calls with these shapes run eagerly. A failed capture can leave "
+                      "CUDA's random generators unusable in this process: pass cuda_graph=False for this model",
+                      stacklevel=5)
+        return K, None
     return K, _Graph(graph, Xs, X2s, Ks)
 
 
