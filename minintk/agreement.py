@@ -27,6 +27,10 @@ import torch
 from torch import nn
 
 
+class AgreementError(ValueError):
+    """A setting of the agreement run that cannot work; the message names it and what is accepted."""
+
+
 @dataclass(frozen=True)
 class AgreeConfig:
     """n_train, n_test: inputs per seed (drawn from the pools); steps: optimizer steps of both fine-tunings;
@@ -41,6 +45,17 @@ class AgreeConfig:
     svm_C: float = 1.0
     logistic_C: float = 1.0
     seeds: int = 3
+
+    def __post_init__(self) -> None:
+        for name, low in (("n_train", 4), ("n_test", 1), ("steps", 1), ("seeds", 1)):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < low:
+                raise AgreementError(f"{name}={v!r}: expected an integer >= {low}")
+        for name in ("adam_lr", "svm_C", "logistic_C"):
+            if not getattr(self, name) > 0:
+                raise AgreementError(f"{name}={getattr(self, name)!r}: expected a number > 0")
+        if not self.ridge >= 0:
+            raise AgreementError(f"ridge={self.ridge!r}: expected a number >= 0")
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -114,11 +129,14 @@ def markdown(rows: list[dict], summary: dict, cfg: AgreeConfig, setup: str) -> s
     """The report: setup, the agreement table, the accuracies, and what it says."""
     def ms(t, k):
         m, s = summary[t][k]
-        return "n/a" if math.isnan(m) else f"{m:.3f} ± {s:.3f}"
+        return "n/a" if math.isnan(m) else f"{m:.3f}" + (f" ± {s:.3f}" if cfg.seeds > 1 else "")
 
     lines = ["# Does fine-tuning behave like its kernel?", "", setup, "",
-             f"Settings: {asdict(cfg)}. Mean ± sd over {cfg.seeds} seeds (training sets). Correlations are "
-             "Pearson correlations of the test predictions' moves f_T - f_0.", "",
+             f"Settings: {asdict(cfg)}. " + (f"Mean ± sd over {cfg.seeds} seeds (training sets). " if cfg.seeds > 1
+                                              else "One seed (no spread). ")
+             + "Correlations are Pearson correlations of the test predictions' moves f_T - f_0. Kernel regression "
+             "with a kernel M (eNTK K or SignGD S): f = f_0 + M(x, X) (M + n ridge I)^-1 (y - u_0), the system solved "
+             "as it is for the asymmetric S (docs/theory.md section 3.6).", "",
              "## Agreement of predictions", "",
              "| task | GD network vs eNTK GD predictor (same step) | Adam network vs SignGD-kernel regression | "
              "Adam network vs eNTK regression |", "|---|---|---|---|"]
@@ -129,9 +147,17 @@ def markdown(rows: list[dict], summary: dict, cfg: AgreeConfig, setup: str) -> s
     lines += ["", "## Test accuracy", "", "| task | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for t in summary:
         lines.append(f"| {t} | " + " | ".join(ms(t, f"acc.{k}") for k in keys) + " |")
-    lines += ["", "init: the model at theta_0; sgd_net / adam_net: the network after the steps; sgd_kernel: the eNTK's "
-              "gradient-descent predictor at the same step; *_ridge: kernel regression (lam above); entk_svm, "
-              "entk_logistic: scikit-learn on the eNTK.", "", "![agreement](agreement.png)", ""]
+    moved = [t for t in summary if summary[t]["acc.sgd_net"][0] == summary[t]["acc.init"][0]
+             and summary[t]["acc.adam_net"][0] == summary[t]["acc.init"][0]]
+    lines += ["", "init: the model at theta_0; sgd_net / adam_net: the network after the steps (step alpha = "
+              "min(1, 1/mu_1(K/n)) for gradient descent); sgd_kernel: the eNTK's gradient-descent predictor at the "
+              "same step; *_ridge: kernel regression (ridge above); entk_svm, entk_logistic: scikit-learn on the eNTK. "
+              "results.json also holds per seed alpha, the RMS gap between the GD network and its kernel predictor "
+              "(sgd_rms_gap) and ||S - S^T|| / ||S|| (asymmetry)."]
+    if moved:
+        lines += ["", f"On {moved} neither fine-tuning changed the test accuracy from theta_0's: too few steps (or "
+                  "too small a step) for the correlations to describe much."]
+    lines += ["", "![agreement](agreement.png)", ""]
     return "\n".join(lines)
 
 
@@ -141,7 +167,7 @@ def plot(summary: dict, path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ["sgd_net", "sgd_kernel", "adam_net", "signgd_ridge", "entk_ridge", "entk_svm"]
+    keys = ["init", "sgd_net", "sgd_kernel", "adam_net", "signgd_ridge", "entk_ridge", "entk_svm", "entk_logistic"]
     tasks = list(summary)
     fig, ax = plt.subplots(figsize=(2.2 + 1.6 * len(tasks), 3.6))
     width = 0.8 / len(keys)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .agreement import AgreeConfig, markdown, plot, run_one, summarize
+from .agreement import AgreeConfig, AgreementError, markdown, plot, run_one, summarize
 from .paper_results import jsonable
 
 
@@ -64,6 +64,8 @@ def _task_rows(name: str, ts, cfg: AgreeConfig, device: str) -> list[dict]:
         return K.cpu().numpy()
 
     pool, test = ts.X["pool"].to(device), ts.X["test"][: cfg.n_test].to(device)
+    if pool.shape[0] < cfg.n_train:
+        raise AgreementError(f"n_train={cfg.n_train}: {name}'s training pool holds {pool.shape[0]} inputs")
     y_pool = 2.0 * ts.task.y[ts.split.train] - 1.0
     y_test = 2.0 * ts.task.y[ts.split.test][: cfg.n_test] - 1.0
     rows = []
@@ -80,11 +82,16 @@ def _task_rows(name: str, ts, cfg: AgreeConfig, device: str) -> list[dict]:
 def add_parser(add) -> None:
     ag = add("agree", help="does fine-tuning behave like its kernel? GD and Adam fine-tuning against eNTK and "
              "SignGD-kernel predictors on the offline classification tasks (markdown + JSON + PNG)")
-    ag.add_argument("--preset", default="quick", help="the paper preset whose pretrained decoder is used")
+    ag.add_argument("--preset", default="quick", help="the paper preset whose pretrained decoder is used: quick (a "
+                    "235k-parameter decoder, seconds), default (1.3M parameters, the committed CPU report), gpu "
+                    "(with --model random:125M --device cuda)")
     ag.add_argument("--tasks", nargs="+", default=["vader-sign", "afinn-sign"], help="classification tasks")
-    for name, kind, default in (("n-train", int, 64), ("n-test", int, 100), ("steps", int, 200),
-                                ("seeds", int, 3), ("adam-lr", float, 1e-4), ("ridge", float, 1e-3)):
-        ag.add_argument(f"--{name}", type=kind, default=default)
+    for name, kind, default, what in (
+            ("n-train", int, 64, "training inputs per seed (>= 4)"), ("n-test", int, 100, "test inputs"),
+            ("steps", int, 200, "optimizer steps of both fine-tunings"), ("seeds", int, 3, "training-set draws"),
+            ("adam-lr", float, 1e-4, "Adam's learning rate"), ("ridge", float, 1e-3, "lam of the kernel regressions")):
+        ag.add_argument(f"--{name}", type=kind, default=default, help=f"{what} (default {default})")
+    ag.add_argument("--force", action="store_true", help="replace the report already in --out")
     ag.add_argument("--device", default="cpu")
     ag.add_argument("--model", default=None, help="as minintk paper --model (e.g. random:125M, a checkpoint)")
     ag.add_argument("--pretrain-steps", type=int, default=None, help="as minintk paper --pretrain-steps")
@@ -95,9 +102,11 @@ def add_parser(add) -> None:
 
 
 def _cmd(args) -> int:
+    from .cli_reports import report_dir
+
     cfg = AgreeConfig(n_train=args.n_train, n_test=args.n_test, steps=args.steps, seeds=args.seeds,
                       adam_lr=args.adam_lr, ridge=args.ridge)
-    out = Path(args.out or f"reports/agreement-{args.preset}")
+    out = report_dir(args.out, Path("reports") / f"agreement-{args.preset}", "results.json", args.force)
     torch.manual_seed(0)
     summary = run(out, cfg, preset=args.preset, tasks=args.tasks, device=args.device, data_dir=args.data_dir,
                   cache_dir=args.cache_dir, model=args.model, pretrain_steps=args.pretrain_steps)

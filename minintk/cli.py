@@ -74,6 +74,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 def _user_errors() -> tuple[type[Exception], ...]:
     """The errors that mean a bad input or setting (printed as one line), not a bug (a traceback)."""
+    from .agreement import AgreementError
     from .cli_reports import ReportExistsError
     from .cli_theory import GramFileError
     from .config import ConfigError
@@ -82,6 +83,7 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from .engine import NTKError
     from .finetune import FinetuneError
     from .gptneo import CheckpointError
+    from .kernel_classifiers import ClassifierError
     from .linearize import LinearizeError
     from .model import ModelInputError
     from .paper_config import PaperError
@@ -94,8 +96,8 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
     return (GramFileError, ReportExistsError, ConfigError, DataError, TileRunError, DynamicsError, NTKError,
             FinetuneError, CheckpointError, LinearizeError, ModelInputError, PaperError, SourceError, SpectrumError,
-            StoppingError, TaskVectorError, WidthScanError, FileNotFoundError, NotADirectoryError,
-            IsADirectoryError, PermissionError)
+            StoppingError, TaskVectorError, WidthScanError, ClassifierError, AgreementError, FileNotFoundError,
+            NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def _one_line(err: Exception) -> str:

@@ -80,7 +80,8 @@ def format_status(st: dict) -> str:
         ("folder", st["out"]),
         ("model", f"{st['model']['class'].rsplit('.', 1)[-1]} {arch} ({st['model']['parameters']:,} parameters)"),
         ("data", ", ".join(f"{k} {tuple(v)}" for k, v in st["data"]["shapes"].items())),
-        ("settings", f"precision {s['precision']}, tile {s['tile']}, params {s['params'] or 'all'}, {s['output']}"),
+        ("settings", f"kernel {s.get('kernel', 'sgd')}, precision {s['precision']}, tile {s['tile']}, params "
+                     f"{s['params'] or 'all'}, {s['output']}"),
         ("tiles", f"{st['tiles_done']} / {st['tiles_total']} done, {st['tiles_left']} left"),
         ("recomputed tiles", str(st["recomputed"])),
         ("est. time left", "unknown (no tile finished yet)" if eta is None else f"{eta:.0f} s on "

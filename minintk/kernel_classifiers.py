@@ -1,7 +1,9 @@
 """Classifiers on a precomputed kernel: kernel SVM and kernel logistic regression, both fitted by scikit-learn
-(docs/theory.md section 3.5). With K = ntk(model, X, output=label_words(ids, diff=True)) they are the kernel
-analogues of prompt-based fine-tuning with label words (Malladi et al. 2023); with kernel="signgd" or adam(...)
-those of the other optimizers. Regression predictors (kernel ridge, gradient descent and flow) are in dynamics.
+(docs/theory.md section 3.6). With K = ntk(model, X, output=label_words(ids, diff=True)) they are the kernel
+analogues of prompt-based fine-tuning with label words (Malladi et al. 2023); with kernel=adam(...) those of Adam
+with a frozen preconditioner. They need a symmetric positive semi-definite kernel: the SignGD kernel is asymmetric,
+and agreement.py fits it by kernel regression instead. Regression predictors (kernel ridge, gradient descent and
+flow) are in dynamics.
 
 Kernel logistic regression minimizes C sum_i log(1 + exp(-y_i f(x_i))) + (1/2) ||f||_H^2 over f = K a (+ an
 intercept). With K = Phi Phi^T (Phi = V sqrt(Lambda) from K's eigendecomposition, eigenvalues above the rounding
@@ -47,16 +49,38 @@ class KernelClassifier:
         return self.estimator.predict(self._inputs(K_test))
 
     def accuracy(self, K_test: Any, y: Any) -> float:
-        return float(np.mean(self.predict(K_test) == np.asarray(y)))
+        pred, y = self.predict(K_test), np.asarray(y)
+        if y.shape != pred.shape:
+            raise ClassifierError(f"y must be {pred.shape} labels for the rows of K_test, got shape {y.shape}")
+        return float(np.mean(pred == y))
 
 
 def _labels(y: Any, n: int) -> np.ndarray:
     y = np.asarray(y)
     if y.shape != (n,):
         raise ClassifierError(f"y must be ({n},) labels for the {n} training inputs, got shape {y.shape}")
+    if y.dtype.kind == "f" and not np.all(np.isfinite(y) & (y == np.round(y))):
+        raise ClassifierError("y must hold class labels (integers, booleans or strings), got non-integral floats; "
+                              "for real-valued targets use dynamics.kernel_ridge")
     if len(np.unique(y)) < 2:
         raise ClassifierError("y holds one class only; a classifier needs two or more")
     return y
+
+
+def _kernel(K: Any, C: float) -> np.ndarray:
+    """K as a symmetric fp64 matrix; ClassifierError for C <= 0, an asymmetric K (the SignGD kernel) or a zero K."""
+    if not (C > 0 and np.isfinite(C)):
+        raise ClassifierError(f"C={C}: expected a finite number > 0")
+    A = np.asarray(K, dtype=np.float64)
+    if A.ndim == 2 and A.shape[0] == A.shape[1] and A.size:
+        scale = float(np.max(np.abs(A)))
+        if scale == 0:
+            raise ClassifierError("K is zero: no sample moves any output")
+        if float(np.max(np.abs(A - A.T))) > 1e-5 * scale:
+            raise ClassifierError("K is not symmetric (the SignGD kernel is not): kernel SVM and logistic regression "
+                                  "need a symmetric PSD kernel; fit an asymmetric one by kernel regression "
+                                  "(agreement.py) or use the eNTK / adam(...) kernel")
+    return check_kernel(K)
 
 
 def kernel_svm(K: Any, y: Any, C: float = 1.0, tol: float = 1e-3) -> KernelClassifier:
@@ -65,7 +89,7 @@ def kernel_svm(K: Any, y: Any, C: float = 1.0, tol: float = 1e-3) -> KernelClass
     ClassifierError for bad shapes or one class."""
     from sklearn.svm import SVC
 
-    K = check_kernel(K)
+    K = _kernel(K, C)
     y = _labels(y, K.shape[0])
     return KernelClassifier(SVC(kernel="precomputed", C=C, tol=tol).fit(K, y), None, K.shape[0])
 
@@ -77,6 +101,7 @@ def kernel_logistic(K: Any, y: Any, C: float = 1.0, intercept: bool = True, tol:
     ClassifierError for bad shapes or one class."""
     from sklearn.linear_model import LogisticRegression
 
+    _kernel(K, C)
     lam, V = kernel_eigh(K)  # with the tolerance of K's own dtype
     y = _labels(y, V.shape[0])
     keep = lam > psd_tolerance(V.shape[0], input_eps(K)) * max(lam.max(), 0.0)  # above the rounding floor

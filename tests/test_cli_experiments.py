@@ -54,3 +54,16 @@ def test_agree_refuses_regression_tasks(capsys):
     assert main(["agree", "--tasks", "vader", "afinn-sign", "--out", "/nonexistent/agree"]) == 2
     err = capsys.readouterr().err
     assert "['vader'] are regression tasks" in err and "vader-sign" in err
+
+
+def test_agree_settings_and_an_existing_report_are_refused_in_one_line(tmp_path, capsys):
+    from minintk.cli import main
+
+    assert main(["agree", "--n-train", "1", "--out", str(tmp_path / "a")]) == 2
+    assert "n_train=1: expected an integer >= 4" in capsys.readouterr().err
+    assert main(["agree", "--seeds", "0", "--out", str(tmp_path / "a")]) == 2
+    assert "seeds=0: expected an integer >= 1" in capsys.readouterr().err
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").write_text("{}")
+    assert main(["agree", "--out", str(tmp_path / "b")]) == 2
+    assert "already holds a report" in capsys.readouterr().err

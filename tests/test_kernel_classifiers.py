@@ -64,5 +64,15 @@ def test_bad_inputs_are_named():
         kernel_logistic(K, np.zeros(60))
     with pytest.raises(ClassifierError, match=r"K_test must be \(m, 60\)"):
         kernel_svm(K, y).predict(K[:, :5])
-    with pytest.raises(DynamicsError, match="must be symmetric"):
+    with pytest.raises(ClassifierError, match="K is not symmetric .the SignGD kernel is not."):
         kernel_logistic(K + np.triu(np.ones_like(K)), y)
+    with pytest.raises(ClassifierError, match="C=0: expected a finite number > 0"):
+        kernel_svm(K, y, C=0)
+    with pytest.raises(ClassifierError, match="non-integral floats"):
+        kernel_svm(K, y + 0.5)
+    with pytest.raises(ClassifierError, match="K is zero"):
+        kernel_logistic(np.zeros_like(K), y)
+    with pytest.raises(ClassifierError, match=r"y must be \(60,\) labels for the rows of K_test"):
+        kernel_svm(K, y).accuracy(K, y[:-1])
+    with pytest.raises(DynamicsError, match="square"):
+        kernel_svm(K[:, :5], y)

@@ -12,7 +12,7 @@ from torch.func import functional_call, jacrev, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from minintk import Decoder, DecoderConfig
-from minintk.engine import NTKError, Stats, adam, label_words, ntk, select_params
+from minintk.engine import NTKError, Stats, adam, label_words, ntk, select_params, signgd
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -152,6 +152,12 @@ def test_errors_name_the_setting():
         ntk(m, X, kernel="lion", progress=False)
     with pytest.raises(NTKError, match=r"kernel='adam' needs the second moments: pass kernel=adam\(second_moment"):
         ntk(m, X, kernel="adam", progress=False)
+    with pytest.raises(NTKError, match="kernel=signgd is the function: pass kernel=signgd"):
+        ntk(m, X, kernel=signgd, progress=False)
+    with pytest.raises(NTKError, match="second_moment must be a dict"):
+        adam([1, 2])
+    with pytest.raises(NTKError, match=r"second moments of \['wte.weight'\] hold NaN or inf"):
+        adam({"wte.weight": torch.full((31, 16), float("nan"))})
     with pytest.raises(NTKError, match=r"adam kernel: no second moment for \['wte.weight'"):
         ntk(m, X, kernel=adam({}), progress=False)
     with pytest.raises(NTKError, match=r"second moment of wte.weight has shape \(2,\), the parameter \(31, 16\)"):

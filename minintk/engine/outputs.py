@@ -17,7 +17,8 @@ def label_words(ids: Iterable[int], diff: bool = False, position: int | str = "l
     position "last": each sample's last attended token (the last 1 of its attention_mask, so right, left and no
     padding all read the sample's own last token; the last position without a mask); an int: that position.
     Works on a (n, T, V) logits tensor or any model output with a `.logits` field (transformers). The engine
-    passes the inputs as the second argument (f.takes_inputs). Raises NTKError for a bad diff or position.
+    passes the inputs as the second argument (f.takes_inputs); called by hand, pass them too, f(out, inputs): without
+    them "last" is position T - 1, padding included. Raises NTKError for a bad diff or position.
     """
     ids = [int(i) for i in ids]
     if diff and len(ids) != 2:

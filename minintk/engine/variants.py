@@ -13,6 +13,7 @@ and contracted as G1 phi(G2)^T in fp32 (fp64 in fp64 mode).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -48,10 +49,20 @@ def signgd() -> Variant:
 
 def adam(second_moment: Mapping[str, torch.Tensor], eps: float = 1e-8) -> Variant:
     """The Adam-preconditioned kernel <g(x), g(x') / (sqrt(v) + eps)>: v = second_moment[name] (the parameter's
-    shape, >= 0; e.g. an optimizer's exp_avg_sq, bias-corrected) for every selected parameter."""
-    if not eps > 0:
-        raise NTKError(f"adam kernel: eps={eps}; expected > 0")
-    return Variant("adam", dict(second_moment), float(eps))
+    shape, finite, >= 0) for every selected parameter, by name. From a torch.optim.Adam after `step` steps:
+    {name: opt.state[p]["exp_avg_sq"] / (1 - beta2**step) for name, p in model.named_parameters()} (the
+    bias-corrected estimate Adam divides by). NTKError for a non-mapping, non-finite entries or eps <= 0; missing
+    names and shapes are checked against the selected parameters by ntk."""
+    if not (eps > 0 and math.isfinite(eps)):
+        raise NTKError(f"adam kernel: eps={eps}; expected a finite number > 0")
+    if not isinstance(second_moment, Mapping):
+        raise NTKError(f"adam kernel: second_moment must be a dict {{parameter name: tensor}}, got "
+                       f"{type(second_moment).__name__}")
+    v = {name: torch.as_tensor(t) for name, t in second_moment.items()}
+    bad = [name for name, t in v.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise NTKError(f"adam kernel: the second moments of {bad[:6]} hold NaN or inf")
+    return Variant("adam", v, float(eps))
 
 
 def as_variant(kernel) -> Variant | None:
@@ -64,6 +75,8 @@ def as_variant(kernel) -> Variant | None:
         return signgd()
     if kernel == "adam":
         raise NTKError("kernel='adam' needs the second moments: pass kernel=adam(second_moment, eps)")
+    if kernel is signgd or kernel is adam:
+        raise NTKError(f"kernel={kernel.__name__} is the function: pass kernel={kernel.__name__}(...) (or 'signgd')")
     raise NTKError(f"unknown kernel {kernel!r}; expected one of {', '.join(KERNELS)} (adam as adam(v, eps))")
 
 
