@@ -52,13 +52,11 @@ def _task_rows(name: str, ts, cfg: AgreeConfig, device: str) -> list[dict]:
     """run_one for each seed on one classification task (paper_phases.TaskSetup): fp64 copy of its task model,
     training sets drawn from its pool, the first n_test test inputs, classes as +-1."""
     from .engine import ntk
+    from .finetune import unpack
 
     model = copy.deepcopy(ts.model).double().eval()
 
     def gram(A, B, kernel):
-        def unpack(Z):
-            return {"idx": Z[:, 0], "attention_mask": Z[:, 1]}
-
         K = ntk(model.model, unpack(A), None if B is None else unpack(B), precision="fp64", kernel=kernel,
                 progress=False)
         return K.cpu().numpy()

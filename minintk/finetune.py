@@ -79,6 +79,11 @@ class Packed(nn.Module):
         return self.model(x[:, 0], x[:, 1])
 
 
+def unpack(X: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Packed inputs (n, 2, T) as the Decoder's keywords {"idx", "attention_mask"} (for ntk on Packed.model)."""
+    return {"idx": X[:, 0], "attention_mask": X[:, 1]}
+
+
 def task_model(base: Decoder, kind: str, label_ids: tuple[int, int] | None = None) -> Packed:
     """The pretrained body of `base` under the task's head, as a Packed module on base's device and dtype.
 

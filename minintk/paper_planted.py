@@ -7,6 +7,7 @@ import copy
 import time
 
 from .engine import ntk
+from .finetune import unpack
 from .paper_phases import TaskSetup
 from .paper_results import Run
 from .planted_check import CheckConfig, run_check
@@ -24,7 +25,7 @@ def phase_planted(run: Run, tasks: dict[str, TaskSetup]) -> None:
     ts = tasks[name]
     body = copy.deepcopy(ts.model.model).double()  # the Gram reads ids and mask apart, not packed
     pool = ts.X["pool"][: cfg.pool].to(next(body.parameters()).device)
-    K = ntk(body, {"idx": pool[:, 0], "attention_mask": pool[:, 1]}, precision="fp64", progress=False)
+    K = ntk(body, unpack(pool), precision="fp64", progress=False)
     res = run_check(ts.model, pool, cfg, K=K, progress=False)
     res.update(task=name, seconds=round(time.perf_counter() - t, 1))
     run.results["planted"] = res

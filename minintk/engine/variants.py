@@ -22,6 +22,7 @@ import torch
 from ..kernels import embedding_grad_slice, grad_slice
 from ..kernels._common import mm_fp32
 from .capture import Capture
+from .contract import _sum
 from .errors import NTKError
 from .layers import EMBED, NORM, Use
 
@@ -169,9 +170,3 @@ def _matrix(us, cap: Capture, r0: int, r1: int) -> torch.Tensor:
         parts.append(g if u.w_mult == 1.0 else g * u.w_mult)
     return _sum(parts)
 
-
-def _sum(ts: list[torch.Tensor]) -> torch.Tensor:
-    out = ts[0]
-    for t in ts[1:]:
-        out = out + t
-    return out
