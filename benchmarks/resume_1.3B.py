@@ -26,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from minintk.tilefolder import TileRunError, status
+from minintk.tilefolder import TileRunError
+from minintk.tileprogress import status
 
 LABELS = "352,2089"  # two label-word ids, as in ntk_throughput.py (the cost does not depend on them)
 STARTUP_S = 60.0  # a launch's own overhead (imports, 1.3B init and fingerprint), for the estimate

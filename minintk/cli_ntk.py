@@ -41,7 +41,8 @@ def _cmd_ntk(args: argparse.Namespace) -> int:
 
     from . import sources
     from .distributed import is_rank0, process_group, tiled_ntk
-    from .tilefolder import TileRunError, status
+    from .tilefolder import TileRunError
+    from .tileprogress import status
 
     if args.status:
         print(f"minintk ntk --status\n{format_status(status(args.status))}")

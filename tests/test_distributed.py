@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from minintk.distributed import assign, tiled_ntk
 from minintk.engine import ntk
 from minintk.sources import load_model, load_tokens
-from minintk.tilefolder import status, tile_grid
+from minintk.tilefolder import tile_grid
+from minintk.tileprogress import status
 
 ROOT = Path(__file__).resolve().parents[1]
 ARGS = ["ntk", "tiny", TILE_DATA, "--labels", "3,7", "--diff", "--tile", str(TILE), "--precision", "fp64",

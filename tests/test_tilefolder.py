@@ -9,7 +9,8 @@ from conftest import TILE, TILES, sidecars
 
 from minintk.distributed import tiled_ntk
 from minintk.sources import load_model
-from minintk.tilefolder import TileRunError, assemble, status, tensor_digest
+from minintk.tilefolder import TileRunError, assemble, tensor_digest
+from minintk.tileprogress import status
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
