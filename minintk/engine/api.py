@@ -72,15 +72,7 @@ def ntk(
     need strategy="func" or "loop" with them.
     Raises NTKError for bad inputs or settings, naming what to change.
     """
-    if precision not in PRECISIONS:
-        raise NTKError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    if strategy not in STRATEGIES:
-        raise NTKError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
-    if cuda_graph not in MODES:
-        raise NTKError(f"unknown cuda_graph {cuda_graph!r}; expected 'auto', True or False")
-    if trace and diagonal:
-        raise NTKError("trace=True and diagonal=True exclude each other: trace -> (n, n2), diagonal -> (n, n2, C)")
-    outputs = "trace" if trace else "diagonal" if diagonal else "full"
+    outputs = _check_options(precision, strategy, cuda_graph, trace, diagonal)
     variant = as_variant(kernel)
     model, selected, X, X2 = prepare(model, X, X2, params, precision)
     if variant is not None and not variant.symmetric and X2 is None:
@@ -107,6 +99,19 @@ def ntk(
     if normalize:
         K = K / (width(model) if normalize is True else float(normalize))
     return K.to(result_dtype(precision)).contiguous()
+
+
+def _check_options(precision: str, strategy: str, cuda_graph, trace: bool, diagonal: bool) -> str:
+    """The output layout ("full", "trace" or "diagonal"); NTKError naming a bad option and what is accepted."""
+    if precision not in PRECISIONS:
+        raise NTKError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if strategy not in STRATEGIES:
+        raise NTKError(f"unknown strategy {strategy!r}; expected one of {', '.join(STRATEGIES)}")
+    if cuda_graph not in MODES:
+        raise NTKError(f"unknown cuda_graph {cuda_graph!r}; expected 'auto', True or False")
+    if trace and diagonal:
+        raise NTKError("trace=True and diagonal=True exclude each other: trace -> (n, n2), diagonal -> (n, n2, C)")
+    return "trace" if trace else "diagonal" if diagonal else "full"
 
 
 def _layerwise(spec: Spec, X: Inputs, X2: Inputs | None, n: int, n2: int, strategy: str, max_memory: int | None,
